@@ -1,0 +1,70 @@
+"""The environment protocol every task family implements.
+
+An environment is a pure function of a JSON-serialisable state: `step(state, turn_text)` returns a
+new state and never mutates the old one. Because the state after any turn is plain data, a rollout
+can be resumed from any saved prefix (tree rollouts branch from intermediate turns), written to
+JSONL, or shipped to another process.
+
+Text only crosses this boundary: environments never see token ids. The rollout engine is the one
+place where text becomes tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Task:
+    """One verifiable task instance (a prompt / tree root)."""
+
+    id: str
+    question: str
+    answers: tuple[str, ...]  # gold answer first, then aliases
+    meta: dict[str, Any] = field(default_factory=dict)  # hops, template, supporting docs, split ...
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["answers"] = list(self.answers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Task":
+        return cls(id=d["id"], question=d["question"], answers=tuple(d["answers"]), meta=dict(d.get("meta", {})))
+
+
+@dataclass
+class StepResult:
+    """What the environment answers to one model turn."""
+
+    observation: str | None  # text appended after the turn (never trained on); None when done
+    done: bool
+    reward: float = 0.0  # outcome reward, meaningful when done (binary for the built-in envs)
+    info: dict[str, Any] = field(default_factory=dict)
+    # info keys used by the trainer: "format_error" (str | None), "tool_call" (bool),
+    # "em" (float), "f1" (float), "action" ("search" | "answer" | "invalid"), "truncated" (bool)
+
+
+@runtime_checkable
+class Environment(Protocol):
+    """A multi-turn (or single-turn) verifiable environment."""
+
+    name: str
+    max_turns: int
+    stop_strings: tuple[str, ...]  # the generation of one turn stops after any of these
+
+    def tasks(self, split: str) -> list[Task]:
+        """All tasks of a split ("train", "validation", "test", "heldout")."""
+
+    def system_prompt(self) -> str | None:
+        """Instruction placed in the system message (None: put everything in the user message)."""
+
+    def user_prompt(self, task: Task) -> str:
+        """The user message for a task (instruction + question when there is no system prompt)."""
+
+    def initial_state(self, task: Task) -> dict[str, Any]:
+        """JSON-serialisable state before the first turn."""
+
+    def step(self, state: dict[str, Any], turn_text: str) -> tuple[dict[str, Any], StepResult]:
+        """Apply one model turn; return the new state and the result. Must never raise on model text."""
