@@ -11,6 +11,7 @@ place where text becomes tokens.
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -66,5 +67,13 @@ class Environment(Protocol):
     def initial_state(self, task: Task) -> dict[str, Any]:
         """JSON-serialisable state before the first turn."""
 
-    def step(self, state: dict[str, Any], turn_text: str) -> tuple[dict[str, Any], StepResult]:
-        """Apply one model turn; return the new state and the result. Must never raise on model text."""
+    def step(
+        self, state: dict[str, Any], turn_text: str, truncated: bool = False
+    ) -> tuple[dict[str, Any], StepResult]:
+        """Apply one model turn; return the new state and the result. Never raises on model text.
+
+        `truncated` is True when generation hit the per-turn token cap before a stop string
+        (an over-long turn: a format error that costs the turn)."""
+
+    def oracle_turns(self, task: Task, rng: "random.Random", noise: dict[str, float]) -> list[str]:
+        """Model-turn texts of a (possibly noisy) demonstration that solves `task`, for SFT warm starts."""
