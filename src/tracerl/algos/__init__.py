@@ -1,0 +1,18 @@
+"""Pure tensor functions behind name registries: advantages, policy losses, aggregation, KL."""
+
+from tracerl.algos.advantages import ADVANTAGES, broadcast_to_tokens
+from tracerl.algos.kl import KL_ESTIMATORS
+from tracerl.algos.losses import AGGREGATIONS, POLICY_LOSSES, entropy_from_logits, token_logprobs
+from tracerl.algos.metrics import effective_ratio, zero_advantage_fraction
+
+__all__ = [
+    "ADVANTAGES",
+    "AGGREGATIONS",
+    "KL_ESTIMATORS",
+    "POLICY_LOSSES",
+    "broadcast_to_tokens",
+    "effective_ratio",
+    "entropy_from_logits",
+    "token_logprobs",
+    "zero_advantage_fraction",
+]

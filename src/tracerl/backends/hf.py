@@ -1,0 +1,121 @@
+"""Hugging Face transformers policy backend: batched sampling with a KV cache.
+
+We run our own decoding loop instead of `model.generate` because the trainer needs, per row, the
+exact sampled token ids, their log-probabilities under the model, and per-row stop strings (a turn
+ends at `</search>` or `</answer>`), all with a seeded generator so runs replay exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # sampled tokens, including a final EOS / stop-string token
+    logprobs: list[float]  # log pi(token | context) at temperature 1, no top-p (what the trainer recomputes)
+    stopped: str  # "stop" (stop string), "eos", "length" (hit max_new_tokens or context cap)
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 48
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    stop_strings: tuple[str, ...] = ()
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) float32 -> sampled ids (B,)."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class HFPolicy:
+    """Wraps an AutoModelForCausalLM + tokenizer for batched turn generation."""
+
+    def __init__(self, model, tokenizer, device: str | torch.device = "cpu", max_context: int = 2048):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.max_context = max_context
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self._stop_tail = 8  # tokens decoded to look for a stop string at each step
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None = None
+    ) -> tuple[list[Generation], int]:
+        """Sample one continuation per prompt. Returns generations and the number of prefill tokens."""
+        if not prompts:
+            return [], 0
+        was_training = self.model.training
+        self.model.eval()
+        B = len(prompts)
+        lens = [len(p) for p in prompts]
+        T = max(lens)
+        ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding keeps every row's next token at position -1
+            ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, T - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1, :].float()
+        next_pos = pos[:, -1] + 1
+
+        gens = [Generation([], [], "length") for _ in range(B)]
+        budget = [min(params.max_new_tokens, self.max_context - n) for n in lens]
+        alive = torch.tensor([b > 0 for b in budget], dtype=torch.bool)
+        for _ in range(max(budget)):
+            tok = _sample(logits, params, generator)
+            logp = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
+            tok_cpu, logp_cpu = tok.cpu().tolist(), logp.cpu().tolist()
+            for i in range(B):
+                if not alive[i]:
+                    continue
+                g = gens[i]
+                g.token_ids.append(tok_cpu[i])
+                g.logprobs.append(logp_cpu[i])
+                if tok_cpu[i] in self.eos_ids:
+                    g.stopped, alive[i] = "eos", False
+                elif params.stop_strings and self._hit_stop(g.token_ids, params.stop_strings):
+                    g.stopped, alive[i] = "stop", False
+                elif len(g.token_ids) >= budget[i]:
+                    alive[i] = False
+            if not alive.any():
+                break
+            feed = torch.where(alive.to(self.device), tok, torch.full_like(tok, self.pad_id))
+            mask = torch.cat([mask, alive.to(self.device, torch.long)[:, None]], dim=1)
+            out = self.model(
+                input_ids=feed[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                past_key_values=cache, use_cache=True,
+            )
+            logits = out.logits[:, -1, :].float()
+            next_pos = next_pos + 1
+        if was_training:
+            self.model.train()
+        return gens, int(sum(lens))
+
+    def _hit_stop(self, token_ids: list[int], stops: tuple[str, ...]) -> bool:
+        tail = self.tokenizer.decode(token_ids[-self._stop_tail:], skip_special_tokens=False)
+        return any(s in tail for s in stops)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)

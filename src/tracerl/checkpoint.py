@@ -1,0 +1,109 @@
+"""Atomic checkpoints: safetensors weights + optimizer tensors + JSON trainer state.
+
+A checkpoint is written into a hidden temporary directory and renamed into place only when every
+file is on disk, so a directory named `step_XXXXXX` is always complete. Nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tracerl.errors import CheckpointError
+
+STATE_FILE = "trainer_state.json"
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{name}"] = v.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{name}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    for key, v in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> dict[str, Any]:
+    import random
+
+    py = random.getstate()
+    return {"python": [py[0], list(py[1]), py[2]], "torch": torch.get_rng_state().tolist()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, optimizer, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoints/step_XXXXXX atomically and prune old ones; returns the final path."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:06d}"
+    tmp = ckpt_root / f".tmp_step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        model.save_pretrained(tmp / "model")  # safetensors
+        tokenizer.save_pretrained(tmp / "model")
+        tensors, meta = _optimizer_tensors(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(meta))
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "rng": rng_state()}, indent=1))
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        prev = latest_checkpoint(ckpt_root)
+        kept = f"; the previous checkpoint {prev.name} is intact" if prev else ""
+        raise CheckpointError(f"could not write checkpoint {final}: {why}{kept}") from e
+    for old in sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    done = sorted(p for p in ckpt_root.glob("step_*") if (p / STATE_FILE).is_file())
+    return done[-1] if done else None
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    try:
+        return json.loads((ckpt / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt} has no readable {STATE_FILE}: {e}") from None
+
+
+def load_optimizer(ckpt: Path, optimizer) -> None:
+    tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    meta = json.loads((ckpt / "optimizer.json").read_text())
+    _load_optimizer(optimizer, tensors, meta)

@@ -1,0 +1,165 @@
+"""The `tracerl` command: train, sft, eval, report.
+
+    tracerl train [--config configs/quickstart.yaml] [section.key=value ...]
+    tracerl train --resume runs/quickstart
+    tracerl sft [--config ...]                      # tiny preset warm start (cached)
+    tracerl eval runs/quickstart --split test       # run dir, checkpoint dir or model dir
+    tracerl report runs/quickstart                  # writes runs/quickstart/report.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from tracerl.errors import TracerlError
+
+
+
+def _config_path(arg: str | None) -> str | None:
+    """The user's YAML, or None: the typed defaults *are* the embedded quickstart (configs/quickstart.yaml
+    spells them out; a test keeps the two equal)."""
+    return arg or None
+
+
+def cmd_train(args) -> int:
+    from tracerl.train import train
+
+    if args.help_config:
+        from tracerl.config import describe_fields
+
+        for key, default, doc in describe_fields():
+            print(f"{key:34s} {default:>16s}  {doc}")
+        return 0
+    run_dir, result = train(None if args.resume else _config_path(args.config), args.overrides,
+                            resume=args.resume, overwrite=args.overwrite)
+    print(f"run directory: {run_dir}")
+    print("final validation: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, (int, float))))
+    return 0
+
+
+def cmd_sft(args) -> int:
+    from tracerl.config import load_config
+    from tracerl.sft import run_sft
+
+    cfg = load_config(_config_path(args.config), args.overrides)
+    print(f"SFT model: {run_sft(cfg, force=args.force)}")
+    return 0
+
+
+def _resolve_checkpoint(path: Path) -> tuple[Path, Path | None]:
+    """(model dir, run dir or None) from a run dir, a checkpoint dir or a plain model dir."""
+    from tracerl.checkpoint import latest_checkpoint
+
+    if not path.exists():
+        raise TracerlError(f"checkpoint path {path} does not exist")
+    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+        ckpt = latest_checkpoint(path / "checkpoints")
+        if ckpt is None:
+            raise TracerlError(f"run directory {path} has no complete checkpoint")
+        return ckpt / "model", path
+    if (path / "model" / "config.json").is_file():
+        run = path.parent.parent
+        return path / "model", run if (run / "config.yaml").is_file() else None
+    return path, None
+
+
+def cmd_eval(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tracerl.backends.hf import HFPolicy
+    from tracerl.config import load_config
+    from tracerl.evaluate import evaluate
+    from tracerl.models.io import load_policy
+    from tracerl.sft import build_env
+
+    model_dir, run_dir = _resolve_checkpoint(Path(args.checkpoint))
+    cfg_path = args.config or (str(run_dir / "config.yaml") if run_dir else _config_path(None))
+    cfg = load_config(cfg_path, args.overrides)
+    env = build_env(cfg)
+    tasks = env.tasks(args.split)
+    if args.n:
+        tasks = tasks[: args.n]
+    model, tok = load_policy(model_dir)
+    policy = HFPolicy(model, tok, cfg.run.device, cfg.model.max_context)
+    res, _ = evaluate(policy, env, tasks, cfg.rollout.max_turn_tokens, cfg.model.chat_template, cfg.rollout.batch_size)
+    table = Table(title=f"{env.name} / {args.split} — {model_dir}")
+    for col in ("n", "EM", "F1", "mean turns", "format-error rate", "tool calls / episode"):
+        table.add_column(col, justify="right")
+    table.add_row(str(res["n"]), f"{res['em']:.3f}", f"{res['f1']:.3f}", f"{res['mean_turns']:.2f}",
+                  f"{res['format_error_rate']:.3f}", f"{res['tool_calls_per_episode']:.2f}")
+    Console().print(table)
+    if args.json:
+        print(json.dumps({"split": args.split, **res}))
+    if run_dir is not None:
+        with open(run_dir / "eval_cli.jsonl", "a") as f:
+            f.write(json.dumps({"model": str(model_dir), "split": args.split, **res}) + "\n")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from tracerl.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.jsonl").is_file() and not (run_dir / "config.yaml").is_file():
+        raise TracerlError(f"{run_dir} is not a run directory (no config.yaml or metrics.jsonl)")
+    print(f"report: {write_report(run_dir)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tracerl", description="RL of LLM agents with verifiable rewards.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a policy (default: the embedded quickstart)")
+    t.add_argument("--config", help="YAML config (default: the embedded quickstart config)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.add_argument("--help-config", action="store_true", help="list every config key with its default and doc")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=1e-5")
+    t.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("sft", help="build the tiny preset's warm start (cached)")
+    s.add_argument("--config")
+    s.add_argument("--force", action="store_true", help="retrain even if cached")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=cmd_sft)
+
+    e = sub.add_parser("eval", help="greedy evaluation of a run, checkpoint or model directory")
+    e.add_argument("checkpoint")
+    e.add_argument("--split", default="validation", help="train, validation, test or heldout")
+    e.add_argument("--config", help="config for the environment (default: the run's)")
+    e.add_argument("--n", type=int, default=0, help="evaluate only the first N tasks")
+    e.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    e.add_argument("overrides", nargs="*")
+    e.set_defaults(fn=cmd_eval)
+
+    r = sub.add_parser("report", help="write RUN_DIR/report.html")
+    r.add_argument("run_dir")
+    r.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except TracerlError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last complete checkpoint is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

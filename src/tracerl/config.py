@@ -1,0 +1,212 @@
+"""Typed run configuration: YAML files + dotted command-line overrides, validated by pydantic.
+
+Every field carries a one-line doc (shown by `tracerl train --help-config`). Unknown keys and
+wrong types stop with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tracerl.errors import TracerlError
+
+
+class ConfigError(TracerlError):
+    """A configuration problem, reported to the user as one line."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = Field("quickstart", description="Run name; the run directory is out_dir/name unless run.dir is set.")
+    out_dir: str = Field("runs", description="Parent directory of run directories.")
+    dir: str | None = Field(None, description="Explicit run directory (overrides out_dir/name).")
+    seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
+    device: str = Field("cpu", description="Torch device: cpu, cuda, cuda:1, ...")
+    threads: int | None = Field(None, description="torch intra-op threads (None: torch default).")
+
+
+class EnvConfig(Section):
+    name: str = Field("multihop", description="Environment name (registry: multihop, arith).")
+    seed: int = Field(0, description="Seed of the environment's task generator (the synthetic world).")
+    max_turns: int = Field(4, ge=1, description="Maximum model turns per episode.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Extra environment keyword arguments (e.g. top_k, world sizes).")
+
+
+class ModelConfig(Section):
+    preset: Literal["tiny", "smollm2-135m", "path"] = Field("tiny", description="tiny (built from config, SFT warm start), smollm2-135m (shipped GGUF), or path.")
+    path: str | None = Field(None, description="Local Hugging Face model directory (preset=path); any AutoModelForCausalLM.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weight dtype of the policy.")
+    chat_template: Literal["auto", "none"] = Field("auto", description="auto: prompts go through the tokenizer's chat template (error if it has none); none: plain text prompts.")
+    hidden_size: int = Field(128, description="tiny preset: hidden size.")
+    num_layers: int = Field(4, description="tiny preset: number of transformer layers.")
+    num_heads: int = Field(4, description="tiny preset: attention heads.")
+    num_kv_heads: int = Field(2, description="tiny preset: key/value heads (GQA).")
+    vocab_size: int = Field(1024, description="tiny preset: BPE vocabulary size trained on the world's text.")
+    max_context: int = Field(768, description="Maximum trajectory length in tokens; longer episodes end as failures.")
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "ModelConfig":
+        if self.preset == "path" and not self.path:
+            raise ValueError("model.path must be set when model.preset=path")
+        return self
+
+
+class SFTConfig(Section):
+    enabled: bool = Field(True, description="Warm-start the tiny preset by SFT on noisy oracle demonstrations (cached).")
+    demos: int = Field(3000, ge=1, description="Number of oracle demonstrations (drawn from the train split).")
+    useless_search: float = Field(0.3, ge=0, le=1, description="Probability a demo contains one useless search.")
+    wrong_answer: float = Field(0.15, ge=0, le=1, description="Probability a demo ends with a wrong answer.")
+    steps: int = Field(800, ge=1, description="SFT optimizer steps.")
+    batch_size: int = Field(32, ge=1, description="SFT batch size (sequences).")
+    lr: float = Field(1e-3, gt=0, description="SFT peak learning rate (cosine decay, 5% warm-up).")
+    seed: int = Field(0, description="Seed of demo noise, init and data order for SFT.")
+
+
+class RolloutConfig(Section):
+    prompts_per_step: int = Field(8, ge=1, description="Prompts (groups) sampled per training step.")
+    group_size: int = Field(8, ge=1, description="Chains per prompt (G).")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1 = off; top-k is never applied).")
+    max_turn_tokens: int = Field(48, ge=1, description="Token cap of one model turn; hitting it is a format error.")
+    batch_size: int = Field(64, ge=1, description="Maximum sequences per generation call.")
+
+
+class AlgoConfig(Section):
+    advantage: str = Field("grpo", description="Advantage estimator (registry: grpo, dr_grpo).")
+    adv_eps: float = Field(1e-6, description="Epsilon added to the group std.")
+    singleton: Literal["zero", "raw"] = Field("zero", description="Advantage of a group with one trajectory.")
+    policy_loss: str = Field("ppo_clip", description="Policy loss (registry: ppo_clip).")
+    clip_low: float = Field(0.2, ge=0, description="PPO clip epsilon below 1.")
+    clip_high: float = Field(0.2, ge=0, description="PPO clip epsilon above 1 (0.28 = DAPO clip-higher).")
+    dual_clip: float | None = Field(3.0, description="Dual-clip constant c for negative advantages (None: off).")
+    aggregation: str = Field("token-mean", description="Loss aggregation (token-mean, seq-mean-token-mean, seq-mean-token-sum-norm).")
+    kl_coef: float = Field(0.0, ge=0, description="Weight of the KL penalty to the frozen reference (0: no reference model).")
+    kl_estimator: str = Field("k3", description="KL estimator (k1, k2, k3).")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
+    skip_uniform_groups: bool = Field(True, description="Leave groups whose rewards are all equal out of the update (their advantage is 0).")
+
+
+class TrainerConfig(Section):
+    steps: int = Field(300, ge=0, description="RL optimizer steps.")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate (constant after warm-up).")
+    warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each step's rollouts.")
+    mini_batches: int = Field(1, ge=1, description="Optimizer updates per epoch (rollouts split into this many mini-batches).")
+    micro_batch_size: int = Field(32, ge=1, description="Sequences per forward/backward (gradient accumulation).")
+    bf16: bool = Field(False, description="bf16 autocast for the update (CUDA or CPU).")
+    eval_every: int = Field(50, ge=0, description="Greedy validation every N steps (0: only at the end).")
+    eval_size: int = Field(200, ge=1, description="Validation questions per evaluation.")
+    eval_at_start: bool = Field(True, description="Evaluate before the first RL step (the SFT start).")
+    checkpoint_every: int = Field(50, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Number of most recent checkpoints kept.")
+    tensorboard: bool = Field(True, description="Write TensorBoard events under RUN_DIR/tb.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig, description="Run identity and hardware.")
+    env: EnvConfig = Field(default_factory=EnvConfig, description="Environment.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Warm start for the tiny preset.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling.")
+    algo: AlgoConfig = Field(default_factory=AlgoConfig, description="Advantage, loss and regularisers.")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Optimisation, evaluation, checkpoints.")
+
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path(self.run.out_dir) / self.run.name
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"]) or "(root)"
+    if e["type"] == "extra_forbidden":
+        return f"{source}: unknown config key '{key}'"
+    return f"{source}: config key '{key}': {e['msg']}"
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["trainer.lr=1e-5", "run.seed=3"]` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"config file {p} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must contain a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults) and apply dotted overrides."""
+    tree = load_yaml(path) if path else {}
+    if overrides:
+        tree = _merge(tree, parse_overrides(overrides))
+    source = str(path) if path else "config"
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every leaf field, for `--help-config`."""
+    rows = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += describe_fields(ann, f"{prefix}{name}.")
+        else:
+            default = f.get_default(call_default_factory=True)
+            rows.append((f"{prefix}{name}", repr(default), f.description or ""))
+    return rows

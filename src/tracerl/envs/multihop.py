@@ -1,0 +1,181 @@
+"""The built-in multi-hop search environment (Search-R1 turn format) over a synthetic world.
+
+Each model turn is `<think>...</think>` followed by either `<search>query</search>`, answered with
+`<information>Doc 1 (Title): text ...</information>` from a BM25 index of the world's documents, or
+`<answer>...</answer>`, which ends the episode with a binary exact-match reward. Malformed turns get
+a corrective message in the same `<information>` wrapper and cost a turn, so the policy learns the
+format from the reward rather than from a crash.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import random
+import re
+from typing import Any
+
+from tracerl.envs.answers import exact_match, f1_score
+from tracerl.envs.base import StepResult, Task
+from tracerl.envs.world import RELATIONS, SPLITS, WorldConfig, build_world, with_articles
+
+INSTRUCTION = (
+    "Answer the question. Think inside <think></think>, then either look up an entity with "
+    "<search>name</search> or give the final answer with <answer>text</answer>."
+)
+
+# Corrective observations for malformed turns; short, and each says how to fix the turn.
+FORMAT_MESSAGES = {
+    "no_action": "Invalid turn: end it with <search>name</search> or <answer>text</answer>.",
+    "unclosed_tag": "Invalid turn: close the tag, e.g. <search>name</search> or <answer>text</answer>.",
+    "empty_query": "Invalid turn: the search query is empty. Write <search>name</search>.",
+    "both_tags": "Invalid turn: use either <search> or <answer> in one turn, not both.",
+    "too_long": "Invalid turn: it was too long. Think briefly, then search or answer.",
+}
+
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
+_SEARCH = re.compile(r"<search>(.*?)</search>", re.DOTALL)
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def parse_turn(text: str, truncated: bool = False, max_chars: int | None = None) -> tuple[str, str]:
+    """Classify a turn as ("search", query), ("answer", text) or ("invalid", format error kind)."""
+    if truncated or (max_chars is not None and len(text) > max_chars):
+        return "invalid", "too_long"
+    # Tags mentioned while thinking are not actions; a missing think block is tolerated.
+    body = _THINK.sub(" ", text)
+    has_search, has_answer = "<search>" in body, "<answer>" in body
+    if has_search and has_answer:
+        return "invalid", "both_tags"
+    if has_search:
+        m = _SEARCH.search(body)
+        if m is None:
+            return "invalid", "unclosed_tag"
+        query = " ".join(m.group(1).split())
+        return ("search", query) if query else ("invalid", "empty_query")
+    if has_answer:
+        m = _ANSWER.search(body)
+        return ("answer", m.group(1).strip()) if m else ("invalid", "unclosed_tag")
+    return "invalid", "no_action"
+
+
+def format_docs(docs: list[dict[str, Any]]) -> str:
+    """The observation shown after a search."""
+    body = "\n".join(f"Doc {i} ({d['title']}): {d['text']}" for i, d in enumerate(docs, 1))
+    return f"\n<information>{body or 'No results.'}</information>\n"
+
+
+def _sentence(text: str) -> str:
+    return with_articles(text[:1].upper() + text[1:])
+
+
+class MultiHopEnv:
+    """Multi-hop question answering with a BM25 search tool over a generated world."""
+
+    name = "multihop"
+    stop_strings = ("</search>", "</answer>")
+    extra_options = WorldConfig.option_names()  # accepted as keyword arguments (see make_env)
+
+    def __init__(self, seed: int = 0, top_k: int = 3, max_turns: int = 4, max_turn_chars: int | None = None,
+                 **world_options: Any):
+        unknown = sorted(set(world_options) - set(self.extra_options))
+        if unknown:
+            raise ValueError(f"unknown multihop option {unknown[0]!r}; valid world options: {', '.join(self.extra_options)}")
+        if max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+        config = WorldConfig(**world_options)
+        if config.max_hops + 1 > max_turns:
+            raise ValueError(f"{config.max_hops}-hop questions need max_turns >= {config.max_hops + 1}, "
+                             f"got max_turns={max_turns}; raise max_turns or drop them from hop_mix")
+        self.seed, self.top_k, self.max_turns, self.max_turn_chars = seed, top_k, max_turns, max_turn_chars
+        self.world = build_world(seed, config, top_k)
+        # Retrieval is deterministic, so repeated queries (common in RL) can share one observation.
+        self._observation = functools.lru_cache(maxsize=4096)(self._search)
+
+    # -- prompts and tasks ---------------------------------------------------------------------
+
+    def tasks(self, split: str) -> list[Task]:
+        """All tasks of a split ("train", "validation", "test", "heldout")."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+        return self.world.tasks(split)
+
+    def system_prompt(self) -> str | None:
+        """None: the short instruction goes in the user message to save context."""
+        return None
+
+    def user_prompt(self, task: Task) -> str:
+        """The instruction followed by the question."""
+        return f"{INSTRUCTION}\nQuestion: {task.question}"
+
+    def initial_state(self, task: Task) -> dict[str, Any]:
+        """JSON-serialisable state before the first turn."""
+        return {"task": task.to_dict(), "turn": 0, "history": [], "done": False}
+
+    # -- stepping -----------------------------------------------------------------------------
+
+    def _search(self, query: str) -> str:
+        return format_docs(self.world.retriever.search(query, self.top_k))
+
+    def step(self, state: dict[str, Any], turn_text: str, truncated: bool = False) -> tuple[dict[str, Any], StepResult]:
+        """Apply one model turn; return the new state and the result. Never raises on model text."""
+        if not isinstance(turn_text, str):
+            turn_text = ""
+        new = copy.deepcopy(state)
+        new["turn"] = turn = state.get("turn", 0) + 1
+        info = {"format_error": None, "tool_call": False, "em": 0.0, "f1": 0.0, "action": "invalid",
+                "truncated": False}
+        if state.get("done"):
+            info["format_error"] = "episode_over"
+            new["history"].append({"action": "invalid", "format_error": "episode_over"})
+            return new, StepResult(None, True, 0.0, info)
+
+        action, arg = parse_turn(turn_text, truncated, self.max_turn_chars)
+        info["action"] = action
+        out_of_turns = turn >= self.max_turns
+        if action == "answer":
+            answers = state["task"]["answers"]
+            info["em"], info["f1"] = exact_match(arg, answers), f1_score(arg, answers)
+            new["history"].append({"action": "answer", "answer": arg})
+            new["done"] = True
+            return new, StepResult(None, True, info["em"], info)
+        if action == "search":
+            new["history"].append({"action": "search", "query": arg})
+            observation = None if out_of_turns else self._observation(arg)
+            info["tool_call"] = not out_of_turns
+        else:
+            info["format_error"] = arg
+            new["history"].append({"action": "invalid", "format_error": arg})
+            observation = None if out_of_turns else f"\n<information>{FORMAT_MESSAGES[arg]}</information>\n"
+        if out_of_turns:
+            new["done"] = True
+            info["truncated"] = True
+            return new, StepResult(None, True, 0.0, info)
+        return new, StepResult(observation, False, 0.0, info)
+
+    # -- demonstrations -----------------------------------------------------------------------
+
+    def oracle_turns(self, task: Task, rng: random.Random, noise: dict[str, float] | None = None) -> list[str]:
+        """A demonstration: one search per bridge entity, then the answer (optionally noisy).
+
+        noise["useless_search"]: probability of one extra search for an irrelevant entity (only when it
+        fits in max_turns); noise["wrong_answer"]: probability that the final answer is wrong but of
+        the right type."""
+        noise = noise or {}
+        # Both coins are tossed up front, whatever the noise levels, so demos stay aligned across them.
+        add_useless = rng.random() < noise.get("useless_search", 0.0)
+        answer_wrong = rng.random() < noise.get("wrong_answer", 0.0)
+        relations = [RELATIONS[r] for r in task.meta["relations"]]
+        chain = task.meta["chain"]
+        answer = self.world.wrong_answer(task, rng) if answer_wrong else task.answers[0]
+        turns = []
+        for i, name in enumerate(chain):
+            need = _sentence(f"I need {relations[i].phrase.format(x=name)}.")
+            known = _sentence(relations[i - 1].fact.format(x=chain[i - 1], y=name)) + ". " if i else ""
+            turns.append(f"<think>{known}{need}</think>\n<search>{name}</search>")
+        last = _sentence(relations[-1].fact.format(x=chain[-1], y=answer))
+        turns.append(f"<think>{last}.</think>\n<answer>{answer}</answer>")
+        if add_useless and len(turns) + 1 <= self.max_turns:
+            other = self.world.other_entity_name(rng, chain)
+            turns.insert(rng.randint(0, len(chain)), f"<think>Let me also check {other}.</think>\n<search>{other}</search>")
+        return turns

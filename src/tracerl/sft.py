@@ -1,0 +1,139 @@
+"""Warm start of the tiny preset: a BPE tokenizer trained on the world's text and supervised
+fine-tuning on noisy oracle demonstrations, cached by a hash of everything that shapes the result.
+
+The demonstrations are tokenized by the rollout engine's own path (`replay_turns`), so the SFT model
+sees exactly the token layout it will later sample in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from tracerl.config import Config
+from tracerl.envs import make_env
+from tracerl.envs.base import Environment
+from tracerl.errors import DataError
+from tracerl.models.io import atomic_save_pretrained, cache_dir
+from tracerl.models.tiny import build_tiny_model, train_tokenizer
+from tracerl.rollout import replay_turns
+
+SFT_VERSION = 1  # bump when the recipe changes so old caches are not reused
+
+
+def sft_key(cfg: Config) -> str:
+    m = cfg.model
+    payload = {
+        "v": SFT_VERSION, "env": cfg.env.model_dump(mode="json"), "sft": cfg.sft.model_dump(mode="json"),
+        "model": {k: getattr(m, k) for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size")},
+        "chat_template": m.chat_template,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sft_dir(cfg: Config) -> Path:
+    return cache_dir() / "sft" / f"tiny-{sft_key(cfg)}"
+
+
+def build_env(cfg: Config) -> Environment:
+    return make_env(cfg.env.name, seed=cfg.env.seed, max_turns=cfg.env.max_turns, **cfg.env.options)
+
+
+def _demos(env: Environment, cfg: Config) -> list[tuple]:
+    tasks = env.tasks("train")
+    if not tasks:
+        raise DataError(f"train split of environment {env.name!r} is empty")
+    rng = random.Random(cfg.sft.seed)
+    noise = {"useless_search": cfg.sft.useless_search, "wrong_answer": cfg.sft.wrong_answer}
+    out = []
+    for _ in range(cfg.sft.demos):
+        task = rng.choice(tasks)
+        out.append((task, env.oracle_turns(task, rng, noise)))
+    return out
+
+
+def _corpus(env: Environment, demos) -> list[str]:
+    """Text the tokenizer is trained on: prompts, demo turns and the observations they produce."""
+    texts = []
+    for task, turns in demos:
+        texts += [env.system_prompt() or "", env.user_prompt(task)]
+        state = env.initial_state(task)
+        for turn in turns:
+            state, res = env.step(state, turn)
+            texts += [turn, res.observation or ""]
+    return [t for t in texts if t]
+
+
+def _batches(rows, batch_size: int, steps: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(len(rows), (batch_size,), generator=g).tolist()
+        yield [rows[i] for i in idx]
+
+
+def _collate(rows, pad_id: int):
+    L = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), L), dtype=torch.float32)
+    for i, (tok, lm) in enumerate(rows):
+        ids[i, : len(tok)] = torch.tensor(tok)
+        mask[i, : len(tok)] = 1
+        loss_mask[i, : len(tok)] = torch.tensor(lm, dtype=torch.float32)
+    return ids, mask, loss_mask
+
+
+def run_sft(cfg: Config, force: bool = False, log=print) -> Path:
+    """Train (or reuse) the tiny warm-start model; returns the cached model directory."""
+    out = sft_dir(cfg)
+    if (out / "sft_meta.json").is_file() and not force:
+        return out
+    t0 = time.time()
+    env = build_env(cfg)
+    demos = _demos(env, cfg)
+    tokenizer = train_tokenizer(_corpus(env, demos), vocab_size=cfg.model.vocab_size)
+    m = cfg.model
+    torch.manual_seed(cfg.sft.seed)
+    model = build_tiny_model(tokenizer, hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+                             num_kv_heads=m.num_kv_heads, max_position_embeddings=max(m.max_context, 1024),
+                             seed=cfg.sft.seed)
+    rows = []
+    for task, turns in demos:
+        traj = replay_turns(tokenizer, env, task, turns, m.chat_template)
+        rows.append((traj.token_ids[: m.max_context], traj.loss_mask[: m.max_context]))
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"SFT: {len(rows)} demos, mean {sum(len(r[0]) for r in rows) / len(rows):.0f} tokens, "
+        f"model {n_params / 1e6:.2f}M params, {cfg.sft.steps} steps")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, weight_decay=0.01)
+    warm = max(1, cfg.sft.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.sft.steps))))
+    model.train()
+    losses = []
+    for step, batch in enumerate(_batches(rows, cfg.sft.batch_size, cfg.sft.steps, cfg.sft.seed)):
+        ids, mask, lm = _collate(batch, tokenizer.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        target, w = ids[:, 1:], lm[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none")
+        loss = (nll * w.reshape(-1)).sum() / w.sum().clamp(min=1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % max(1, cfg.sft.steps // 10) == 0:
+            log(f"SFT step {step + 1}/{cfg.sft.steps} loss {sum(losses[-50:]) / len(losses[-50:]):.3f} "
+                f"({time.time() - t0:.0f}s)")
+    model.eval()
+    meta = {"key": sft_key(cfg), "seconds": round(time.time() - t0, 1), "params": n_params,
+            "final_loss": sum(losses[-50:]) / len(losses[-50:]), "demos": len(rows), "steps": cfg.sft.steps}
+    atomic_save_pretrained(model, tokenizer, out, extra_json={"sft_meta.json": meta})
+    log(f"SFT done in {meta['seconds']}s, cached at {out}")
+    return out

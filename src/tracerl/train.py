@@ -1,0 +1,299 @@
+"""The reference training loop: GRPO over chain rollouts (any registered estimator and loss).
+
+Life cycle (torchtune-style): setup -> train -> save. One step reads top to bottom:
+
+    tasks  = next prompts (a pure function of seed and step, so resume is exact)
+    trajs  = G chains per prompt                       (rollout engine, sampled token ids)
+    adv    = ADVANTAGES[algo.advantage](rewards, groups)
+    loss   = AGGREGATIONS[agg](POLICY_LOSSES[loss](logp, old_logp, adv, mask)) + kl + entropy
+    AdamW step with gradient clipping; metrics, evaluation and atomic checkpoints on schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from tracerl.algos import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+from tracerl.algos.losses import entropy_from_logits, token_logprobs
+from tracerl.algos.metrics import effective_ratio, zero_advantage_fraction
+from tracerl.backends.hf import HFPolicy, SamplingParams
+from tracerl.checkpoint import latest_checkpoint, load_optimizer, read_state, save_checkpoint, set_rng_state
+from tracerl.config import Config, ConfigError, dump_config, load_config
+from tracerl.errors import CheckpointError, DataError, TracerlError
+from tracerl.evaluate import evaluate, summarize
+from tracerl.models.io import load_policy
+from tracerl.rollout import RolloutCost, Trajectory, run_chains
+from tracerl.runlog import Progress, RunLogger
+from tracerl.sft import build_env, run_sft
+
+
+def resolve_model_path(cfg: Config, log=print) -> Path:
+    """Where the initial policy comes from: the SFT cache, the converted SmolLM2, or a user path."""
+    if cfg.model.preset == "tiny":
+        return run_sft(cfg, log=log)
+    if cfg.model.preset == "smollm2-135m":
+        from tracerl.models.smollm2 import smollm2_path
+
+        return smollm2_path()
+    return Path(cfg.model.path)
+
+
+def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2**63))
+
+
+def pad_batch(trajs: list[Trajectory], pad_id: int, values: dict[str, list[torch.Tensor]] | None = None):
+    """Right-pad trajectories: ids (B, L), attention (B, L), loss mask / sampled log-probs (B, L)."""
+    L = max(len(t.token_ids) for t in trajs)
+    ids = torch.full((len(trajs), L), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(trajs), L), dtype=torch.long)
+    mask = torch.zeros((len(trajs), L), dtype=torch.float32)
+    logp = torch.zeros((len(trajs), L), dtype=torch.float32)
+    for i, t in enumerate(trajs):
+        n = len(t.token_ids)
+        ids[i, :n] = torch.tensor(t.token_ids)
+        attn[i, :n] = 1
+        mask[i, :n] = torch.tensor(t.loss_mask, dtype=torch.float32)
+        logp[i, :n] = torch.tensor(t.logprobs, dtype=torch.float32)
+    return ids, attn, mask, logp
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: Path | None = None, overwrite: bool = False, log=print):
+        self.cfg, self.log = cfg, log
+        self.resume_dir = resume
+        self.overwrite = overwrite
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        for name, reg in (("algo.advantage", ADVANTAGES), ("algo.policy_loss", POLICY_LOSSES),
+                          ("algo.aggregation", AGGREGATIONS), ("algo.kl_estimator", KL_ESTIMATORS)):
+            key = getattr(cfg.algo, name.split(".")[1])
+            if key not in reg:
+                raise ConfigError(f"config key '{name}': unknown name {key!r}; valid: {', '.join(reg.names())}")
+        self._setup_run_dir()
+        self.env = build_env(cfg)
+        self.train_tasks = self.env.tasks("train")
+        self.val_tasks = self.env.tasks("validation")[: cfg.trainer.eval_size]
+        if not self.train_tasks:
+            raise DataError(f"train split of environment {self.env.name!r} is empty")
+        self._setup_model()
+        self._setup_optimizer()
+        self.start_step, self.totals = 0, {"cum_gen_tokens": 0, "cum_trajectories": 0, "cum_tool_calls": 0}
+        if self.resume_dir is not None:
+            self._restore()
+        self.logger = RunLogger(self.run_dir, tensorboard=cfg.trainer.tensorboard,
+                                resume_step=self.start_step if self.resume_dir is not None else None)
+
+    def _setup_run_dir(self) -> None:
+        if self.resume_dir is not None:
+            self.run_dir = Path(self.resume_dir)
+            return
+        self.run_dir = self.cfg.run_dir()
+        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+            if not self.overwrite:
+                raise TracerlError(f"run directory {self.run_dir} is not empty; pass --resume {self.run_dir}, "
+                                   "--overwrite, or another run.name")
+            shutil.rmtree(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        self.model_path = resolve_model_path(cfg, self.log)
+        dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+        self.model, self.tokenizer = load_policy(self.model_path, dtype=dtype)
+        self.model.to(cfg.run.device)
+        self.ref_model = None
+        if cfg.algo.kl_coef > 0:
+            self.ref_model, _ = load_policy(self.model_path, dtype=dtype)
+            self.ref_model.to(cfg.run.device).eval().requires_grad_(False)
+        self.policy = HFPolicy(self.model, self.tokenizer, cfg.run.device, cfg.model.max_context)
+
+    def _setup_optimizer(self) -> None:
+        t = self.cfg.trainer
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+
+    def _restore(self) -> None:
+        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+        if ckpt is None:
+            raise CheckpointError(f"no complete checkpoint under {self.run_dir / 'checkpoints'}; cannot resume")
+        state = read_state(ckpt)
+        model, _ = load_policy(ckpt / "model", dtype=next(self.model.parameters()).dtype)
+        self.model.load_state_dict(model.state_dict())
+        load_optimizer(ckpt, self.optimizer)
+        set_rng_state(state["rng"])
+        self.start_step, self.totals = state["step"], state["totals"]
+        self.log(f"resumed from {ckpt} (step {self.start_step})")
+
+    # ---------------------------------------------------------------- one step
+    def sample_tasks(self, step: int):
+        rng = random.Random(self.cfg.run.seed * 1_000_003 + step)
+        return rng.sample(self.train_tasks, min(self.cfg.rollout.prompts_per_step, len(self.train_tasks)))
+
+    def rollout(self, step: int) -> tuple[list[Trajectory], RolloutCost]:
+        r = self.cfg.rollout
+        params = SamplingParams(r.max_turn_tokens, r.temperature, r.top_p, tuple(self.env.stop_strings))
+        return run_chains(self.policy, self.env, self.sample_tasks(step), r.group_size, params,
+                          step_generator(self.cfg.run.seed, step), self.cfg.model.chat_template, r.batch_size)
+
+    def lr_at(self, step: int) -> float:
+        t = self.cfg.trainer
+        return t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.lr
+
+    def update(self, trajs: list[Trajectory], adv: torch.Tensor, step: int) -> dict[str, float]:
+        """One PPO-style update over the kept trajectories; returns loss statistics."""
+        cfg, a = self.cfg, self.cfg.algo
+        pg_fn, agg_fn = POLICY_LOSSES.get(a.policy_loss), AGGREGATIONS.get(a.aggregation)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr_at(step)
+        ids, attn, mask, sample_logp = pad_batch(trajs, self.policy.pad_id)
+        ids, attn, mask = ids.to(cfg.run.device), attn.to(cfg.run.device), mask.to(cfg.run.device)
+        targets, tmask, sample_logp = ids[:, 1:], mask[:, 1:], sample_logp[:, 1:].to(cfg.run.device)
+        token_adv = adv.to(cfg.run.device)[:, None] * tmask
+        mbs = cfg.trainer.micro_batch_size
+        reuse_old = cfg.trainer.ppo_epochs == 1 and cfg.trainer.mini_batches == 1
+        old_logp = None if reuse_old else self._logprobs(self.model, ids, attn)
+        ref_logp = self._logprobs(self.ref_model, ids, attn) if self.ref_model is not None else None
+        stats: dict[str, list[float]] = {}
+        B, L = len(trajs), targets.shape[1]
+        order = torch.arange(B)
+        self.model.train()
+        for _ in range(cfg.trainer.ppo_epochs):
+            for mb in order.chunk(cfg.trainer.mini_batches):
+                denom = agg_fn.denominator(tmask[mb])
+                self.optimizer.zero_grad(set_to_none=True)
+                mb_loss = 0.0
+                for rows in mb.split(mbs):
+                    n = int(attn[rows].sum(-1).max())  # trim this micro-batch's padding
+                    with torch.autocast(device_type=torch.device(cfg.run.device).type, dtype=torch.bfloat16,
+                                        enabled=cfg.trainer.bf16):
+                        logits = self.model(input_ids=ids[rows, :n], attention_mask=attn[rows, :n]).logits[:, :-1]
+                    logits = logits.float()
+                    logp = token_logprobs(logits, targets[rows, : n - 1])
+                    m = tmask[rows, : n - 1]
+                    old = logp.detach() if old_logp is None else old_logp[rows, : n - 1]
+                    pg, pg_stats = pg_fn(logp, old, token_adv[rows, : n - 1], m, clip_low=a.clip_low,
+                                         clip_high=a.clip_high, dual_clip=a.dual_clip)
+                    loss = agg_fn(pg, m, denominator=denom, max_len=L)
+                    if ref_logp is not None:
+                        kl = KL_ESTIMATORS.get(a.kl_estimator)(logp, ref_logp[rows, : n - 1])
+                        loss = loss + a.kl_coef * agg_fn(kl, m, denominator=denom, max_len=L)
+                        stats.setdefault("kl", []).append(((kl * m).sum() / m.sum().clamp(min=1)).item())
+                    if a.entropy_coef > 0:
+                        ent = entropy_from_logits(logits)
+                        loss = loss - a.entropy_coef * agg_fn(ent, m, denominator=denom, max_len=L)
+                        stats.setdefault("entropy", []).append(((ent * m).sum() / m.sum().clamp(min=1)).item())
+                    loss.backward()
+                    drift = ((logp.detach() - sample_logp[rows, : n - 1]).abs() * m).sum() / m.sum().clamp(min=1)
+                    mb_loss += loss.item()  # micro-batch losses share one denominator: they add up
+                    stats.setdefault("logp_drift", []).append(drift.item())
+                    for k, v in pg_stats.items():
+                        stats.setdefault(k, []).append(float(v))
+                stats.setdefault("loss", []).append(mb_loss)
+                gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip)
+                stats.setdefault("grad_norm", []).append(gn.item())
+                self.optimizer.step()
+        self.model.eval()
+        return {k: sum(v) / len(v) for k, v in stats.items()}
+
+    @torch.no_grad()
+    def _logprobs(self, model, ids, attn) -> torch.Tensor:
+        out = []
+        for rows in torch.arange(len(ids)).split(self.cfg.trainer.micro_batch_size):
+            logits = model(input_ids=ids[rows], attention_mask=attn[rows]).logits[:, :-1].float()
+            out.append(token_logprobs(logits, ids[rows, 1:]))
+        return torch.cat(out)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        a = self.cfg.algo
+        t0 = time.time()
+        trajs, cost = self.rollout(step)
+        t1 = time.time()
+        rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
+        groups = torch.tensor([t.group for t in trajs], dtype=torch.long)
+        adv = ADVANTAGES.get(a.advantage)(rewards, groups, eps=a.adv_eps, singleton=a.singleton)
+        _, _, mask, _ = pad_batch(trajs, self.policy.pad_id)
+        metrics = summarize(trajs)
+        metrics.update(effective_ratio=effective_ratio(rewards, groups),
+                       zero_adv_frac=zero_advantage_fraction(adv[:, None] * mask, mask))
+        keep = list(range(len(trajs)))
+        if a.skip_uniform_groups:
+            mixed = {int(g) for g in groups.unique() if rewards[groups == g].unique().numel() > 1}
+            keep = [i for i, t in enumerate(trajs) if t.group in mixed]
+        if keep:
+            metrics.update(self.update([trajs[i] for i in keep], adv[keep], step))
+        metrics.update(trained_trajectories=len(keep), lr=self.lr_at(step), gen_tokens=cost.gen_tokens,
+                       prefill_tokens=cost.prefill_tokens, tool_calls=cost.tool_calls,
+                       trajectories=cost.trajectories, rollout_s=t1 - t0, update_s=time.time() - t1)
+        self.totals["cum_gen_tokens"] += cost.gen_tokens
+        self.totals["cum_trajectories"] += cost.trajectories
+        self.totals["cum_tool_calls"] += cost.tool_calls
+        metrics.update(self.totals)
+        return metrics
+
+    # ---------------------------------------------------------------- loop
+    def evaluate(self, step: int, split: str = "validation") -> dict[str, float]:
+        tasks = self.val_tasks if split == "validation" else self.env.tasks(split)[: self.cfg.trainer.eval_size]
+        res, _ = evaluate(self.policy, self.env, tasks, self.cfg.rollout.max_turn_tokens,
+                          self.cfg.model.chat_template, self.cfg.rollout.batch_size)
+        self.logger.log_eval(step, split, res)
+        return res
+
+    def save(self, step: int) -> Path:
+        return save_checkpoint(self.run_dir / "checkpoints", step, self.model, self.tokenizer, self.optimizer,
+                               {"totals": self.totals, "seed": self.cfg.run.seed, "model_path": str(self.model_path)},
+                               keep=self.cfg.trainer.keep_checkpoints)
+
+    def train(self) -> dict[str, float]:
+        t = self.cfg.trainer
+        last_eval: dict[str, float] = {}
+        if self.start_step == 0 and t.eval_at_start:
+            last_eval = self.evaluate(0)
+            self.log(f"step 0 validation EM {last_eval['em']:.3f} F1 {last_eval['f1']:.3f}")
+        with Progress(total=t.steps, start=self.start_step, disable=not t.progress) as bar:
+            for step in range(self.start_step, t.steps):
+                metrics = self.train_step(step)
+                if not all(math.isfinite(v) for v in (metrics.get("loss", 0.0), metrics.get("grad_norm", 0.0))):
+                    raise TracerlError(f"non-finite loss at step {step + 1}; last good checkpoint is kept")
+                self.logger.log_step(step + 1, metrics)
+                bar.update(step + 1, metrics)
+                done = step + 1 == t.steps
+                if (t.eval_every and (step + 1) % t.eval_every == 0) or done:
+                    last_eval = self.evaluate(step + 1)
+                    bar.update(step + 1, {**metrics, "val_em": last_eval["em"]})
+                if (t.checkpoint_every and (step + 1) % t.checkpoint_every == 0) or done:
+                    self.save(step + 1)
+        if self.start_step >= t.steps and not last_eval:
+            last_eval = self.evaluate(t.steps)
+        self.logger.close()
+        from tracerl.report import write_report
+
+        write_report(self.run_dir)
+        return last_eval
+
+
+def train(config_path: str | None, overrides: list[str], resume: str | None = None, overwrite: bool = False,
+          log=print) -> tuple[Path, dict[str, float]]:
+    if resume:
+        cfg_file = Path(resume) / "config.yaml"
+        if not cfg_file.is_file():
+            raise CheckpointError(f"{resume} is not a run directory (no config.yaml)")
+        cfg = load_config(cfg_file, overrides)
+    else:
+        cfg = load_config(config_path, overrides)
+    trainer = Trainer(cfg, Path(resume) if resume else None, overwrite, log)
+    trainer.setup()
+    result = trainer.train()
+    (trainer.run_dir / "final_eval.json").write_text(json.dumps(result, indent=1))
+    return trainer.run_dir, result
