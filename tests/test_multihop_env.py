@@ -169,7 +169,7 @@ def test_resume_from_saved_state_is_exact(env):
 
 def test_oracle_demos_fit_and_noise(env):
     rng = random.Random(0)
-    tight = MultiHopEnv(seed=0, max_turns=3, hop_mix={1: 0.5, 2: 0.5}, **{k: v for k, v in OPTS.items()})
+    tight = MultiHopEnv(seed=0, max_turns=3, hop_mix={1: 0.5, 2: 0.5}, **OPTS)
     for task in tight.tasks("train")[:40]:
         turns = tight.oracle_turns(task, rng, {"useless_search": 1.0})
         assert len(turns) <= tight.max_turns

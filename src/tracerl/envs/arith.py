@@ -31,7 +31,6 @@ PHRASES = {
     "div": ("{n} splits them into {b} equal groups and keeps one group.",
             "{n} packs them equally into {b} bags and keeps one bag."),
 }
-FORMAT_ERRORS = ("too_long", "no_action", "unclosed_tag", "no_number")
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -82,7 +81,11 @@ class ArithmeticEnv:
     stop_strings = ("</answer>",)
 
     def __init__(self, seed: int = 0, train_size: int = 2000, validation_size: int = 200, test_size: int = 200,
-                 heldout_size: int = 200, max_turn_chars: int | None = None):
+                 heldout_size: int = 200, max_turn_chars: int | None = None, max_turns: int = 1):
+        # max_turns is accepted so that every environment takes the shared config keys; an arithmetic
+        # episode always ends after its single turn.
+        if max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1, got {max_turns}")
         if min(train_size, validation_size, test_size, heldout_size) < 0:
             raise ValueError("split sizes must be >= 0")
         self.seed, self.max_turn_chars = seed, max_turn_chars

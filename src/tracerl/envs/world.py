@@ -367,7 +367,8 @@ class World:
 
     def other_entity_name(self, rng: random.Random, exclude: list[str]) -> str:
         """The name of a random entity not in `exclude` (for irrelevant searches in noisy demos)."""
-        names = sorted(e.name for e in self.entities.values() if e.name not in set(exclude))
+        excluded = set(exclude)
+        names = sorted(e.name for e in self.entities.values() if e.name not in excluded)
         return rng.choice(names)
 
 
