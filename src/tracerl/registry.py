@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Callable, Generic, TypeVar
 
+from tracerl.errors import OptionError
+
 F = TypeVar("F", bound=Callable)
 
 
@@ -29,7 +31,7 @@ class Registry(Generic[F]):
             return self._items[name]
         except KeyError:
             valid = ", ".join(sorted(self._items))
-            raise ValueError(f"unknown {self.kind} {name!r}; valid: {valid}") from None
+            raise OptionError(f"unknown {self.kind} {name!r}; valid: {valid}") from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -8,6 +8,7 @@ from typing import Any
 from tracerl.envs.arith import ArithmeticEnv
 from tracerl.envs.base import Environment, StepResult, Task
 from tracerl.envs.multihop import MultiHopEnv
+from tracerl.errors import OptionError
 from tracerl.registry import Registry
 
 ENVIRONMENTS: Registry = Registry("environment")
@@ -28,7 +29,7 @@ def make_env(name: str, **kwargs: Any) -> Environment:
     valid = option_names(cls)
     unknown = [k for k in kwargs if k not in valid]
     if unknown:
-        raise ValueError(f"unknown option {unknown[0]!r} for environment {name!r}; valid: {', '.join(valid)}")
+        raise OptionError(f"unknown option {unknown[0]!r} for environment {name!r}; valid: {', '.join(valid)}")
     return cls(**kwargs)
 
 

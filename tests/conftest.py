@@ -1,0 +1,48 @@
+"""Shared fixtures: a small world, a tiny random policy and the overrides of a seconds-long run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TRACERL_CACHE", str(REPO / ".cache" / "test-models"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SMALL_WORLD = {"n_entities": 100, "train_size": 120, "validation_size": 16, "test_size": 16, "heldout_size": 16}
+
+# A run that exercises every part of the loop in seconds (tiny world, 2-layer model, a few SFT steps).
+TINY_RUN = [
+    *(f"env.options.{k}={v}" for k, v in SMALL_WORLD.items()),
+    "sft.demos=120", "sft.steps=30", "sft.batch_size=8", "sft.lr=3e-3",
+    "model.hidden_size=64", "model.num_layers=2", "model.vocab_size=600", "model.max_context=512",
+    "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_turn_tokens=24",
+    "trainer.steps=4", "trainer.eval_every=2", "trainer.checkpoint_every=2", "trainer.eval_size=8",
+    "trainer.micro_batch_size=4", "trainer.progress=false", "trainer.warmup_steps=1",
+    "algo.skip_uniform_groups=false",
+]
+
+
+@pytest.fixture(scope="session")
+def small_env():
+    from tracerl.envs import make_env
+
+    return make_env("multihop", seed=0, **SMALL_WORLD)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(small_env):
+    """A randomly initialised 2-layer Qwen3 with a BPE tokenizer trained on the small world."""
+    import random
+
+    from tracerl.backends.hf import HFPolicy
+    from tracerl.models.tiny import build_tiny_model, train_tokenizer
+    from tracerl.sft import _corpus
+
+    rng = random.Random(0)
+    demos = [(t, small_env.oracle_turns(t, rng, {})) for t in small_env.tasks("train")[:60]]
+    tok = train_tokenizer(_corpus(small_env, demos), vocab_size=600)
+    model = build_tiny_model(tok, hidden_size=64, num_layers=2, seed=0).eval()
+    return HFPolicy(model, tok, "cpu", max_context=512)

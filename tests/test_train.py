@@ -1,0 +1,112 @@
+"""End-to-end training: the CLI entry point, exact resume, and bad input that must fail cleanly."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_RUN
+from tracerl.errors import CheckpointError
+from tracerl.runlog import read_jsonl
+from tracerl.train import Trainer, train
+from tracerl.config import load_config
+
+TIMING = {"rollout_s", "update_s"}
+
+
+def _rows(run_dir: Path, name: str):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(run_dir / name)]
+
+
+def _cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    return subprocess.run([sys.executable, "-m", "tracerl.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def test_cli_train_eval_report(tmp_path):
+    run = tmp_path / "run"
+    p = _cli("train", *TINY_RUN, f"run.dir={run}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("reward_mean", "em", "effective_ratio", "zero_adv_frac", "gen_tokens", "prefill_tokens",
+                "tool_calls", "trajectories", "rollout_s", "update_s", "cum_gen_tokens"):
+        assert key in rows[-1], key
+    assert all(r["trajectories"] == 8 for r in rows)
+    assert rows[-1]["cum_gen_tokens"] == sum(r["gen_tokens"] for r in rows)
+    evals = read_jsonl(run / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    assert (run / "config.yaml").is_file() and (run / "report.html").is_file()
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step_000002", "step_000004"]
+    assert (run / "checkpoints" / "step_000004" / "model" / "model.safetensors").is_file()
+
+    p = _cli("eval", str(run), "--split", "test", "--json")
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["split"] == "test" and res["n"] == 16 and 0.0 <= res["em"] <= 1.0
+
+    (run / "report.html").unlink()
+    p = _cli("report", str(run))
+    assert p.returncode == 0 and (run / "report.html").stat().st_size > 1000
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    full, _ = train(None, [*TINY_RUN, f"run.dir={tmp_path / 'full'}"], log=lambda *_: None)
+    half, _ = train(None, [*TINY_RUN, f"run.dir={tmp_path / 'half'}", "trainer.steps=2"], log=lambda *_: None)
+    # a crash after step 2 would also leave rows of step 3: resume must drop them
+    with open(half / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "reward_mean": 0.5}) + "\n")
+    resumed, _ = train(None, ["trainer.steps=4"], resume=str(half), log=lambda *_: None)
+    assert _rows(resumed, "metrics.jsonl") == _rows(full, "metrics.jsonl")
+    assert _rows(resumed, "eval.jsonl") == _rows(full, "eval.jsonl")
+
+
+def test_full_disk_on_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    cfg = load_config(None, [*TINY_RUN, f"run.dir={tmp_path / 'r'}", "trainer.steps=2", "trainer.checkpoint_every=1"])
+    tr = Trainer(cfg, log=lambda *_: None)
+    tr.setup()
+    tr.train_step(0)
+    tr.save(1)
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("tracerl.checkpoint.save_file", no_space)
+    with pytest.raises(CheckpointError) as e:
+        tr.save(2)
+    assert "no space left on device" in str(e.value) and "step_000001 is intact" in str(e.value)
+    names = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    assert names == ["step_000001"]  # no half-written checkpoint, no temp dir
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["model.preset=path", "model.path=/no/such/model"], "/no/such/model does not exist"),
+    (["trainer.lr=fast"], "config key 'trainer.lr'"),
+    (["trainer.bogus=1"], "unknown config key 'trainer.bogus'"),
+    (["env.options.train_size=0"], "train split"),
+    (["algo.advantage=magic"], "valid: dr_grpo, grpo"),
+    (["env.options.colour=blue"], "unknown option 'colour'"),
+])
+def test_bad_input_is_one_line(tmp_path, args, needle):
+    p = _cli("train", *TINY_RUN, f"run.dir={tmp_path / 'r'}", *args)
+    assert p.returncode == 2, (p.stdout[-500:], p.stderr[-2000:])
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], p.stderr[-2000:]
+
+
+def test_bad_config_file_and_resume_of_nothing(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  steps: [1\n")
+    p = _cli("train", "--config", str(bad))
+    assert p.returncode == 2 and "not valid YAML" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = _cli("train", "--resume", str(tmp_path))
+    assert p.returncode == 2 and "not a run directory" in p.stderr
