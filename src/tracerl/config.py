@@ -36,7 +36,7 @@ class EnvConfig(Section):
     name: str = Field("multihop", description="Environment name (registry: multihop, arith).")
     seed: int = Field(0, description="Seed of the environment's task generator (the synthetic world).")
     max_turns: int = Field(4, ge=1, description="Maximum model turns per episode.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Extra environment keyword arguments (e.g. top_k, world sizes).")
+    options: dict[str, Any] = Field(default_factory=lambda: {"top_k": 2}, description="Extra environment keyword arguments (world sizes, top_k: the quickstart retrieves 2 documents per search).")
 
 
 class ModelConfig(Section):
@@ -48,7 +48,7 @@ class ModelConfig(Section):
     num_layers: int = Field(4, description="tiny preset: number of transformer layers.")
     num_heads: int = Field(4, description="tiny preset: attention heads.")
     num_kv_heads: int = Field(2, description="tiny preset: key/value heads (GQA).")
-    vocab_size: int = Field(1024, description="tiny preset: BPE vocabulary size trained on the world's text.")
+    vocab_size: int = Field(2048, description="tiny preset: BPE vocabulary size trained on the world's text.")
     max_context: int = Field(768, description="Maximum trajectory length in tokens; longer episodes end as failures.")
 
     @model_validator(mode="after")
@@ -63,9 +63,9 @@ class SFTConfig(Section):
     demos: int = Field(3000, ge=1, description="Number of oracle demonstrations (drawn from the train split).")
     useless_search: float = Field(0.3, ge=0, le=1, description="Probability a demo contains one useless search.")
     wrong_answer: float = Field(0.15, ge=0, le=1, description="Probability a demo ends with a wrong answer.")
-    steps: int = Field(800, ge=1, description="SFT optimizer steps.")
-    batch_size: int = Field(32, ge=1, description="SFT batch size (sequences).")
-    lr: float = Field(1e-3, gt=0, description="SFT peak learning rate (cosine decay, 5% warm-up).")
+    steps: int = Field(600, ge=1, description="SFT optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="SFT batch size (sequences).")
+    lr: float = Field(2e-3, gt=0, description="SFT peak learning rate (cosine decay, 5% warm-up).")
     seed: int = Field(0, description="Seed of demo noise, init and data order for SFT.")
 
 

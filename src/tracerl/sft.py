@@ -118,7 +118,7 @@ def run_sft(cfg: Config, force: bool = False, log=print) -> Path:
     losses = []
     for step, batch in enumerate(_batches(rows, cfg.sft.batch_size, cfg.sft.steps, cfg.sft.seed)):
         ids, mask, lm = _collate(batch, tokenizer.pad_token_id)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        logits = model(input_ids=ids).logits[:, :-1].float()  # right padding: no mask needed
         target, w = ids[:, 1:], lm[:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none")
         loss = (nll * w.reshape(-1)).sum() / w.sum().clamp(min=1)

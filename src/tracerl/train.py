@@ -50,7 +50,10 @@ def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
 
 
 def pad_batch(trajs: list[Trajectory], pad_id: int, values: dict[str, list[torch.Tensor]] | None = None):
-    """Right-pad trajectories: ids (B, L), attention (B, L), loss mask / sampled log-probs (B, L)."""
+    """Right-pad trajectories: ids (B, L), attention (B, L), loss mask / sampled log-probs (B, L).
+
+    With right padding a causal model needs no attention mask for the real tokens (they never attend to
+    later positions), so training forwards pass none and get the fused causal attention kernel."""
     L = max(len(t.token_ids) for t in trajs)
     ids = torch.full((len(trajs), L), pad_id, dtype=torch.long)
     attn = torch.zeros((len(trajs), L), dtype=torch.long)
@@ -178,7 +181,7 @@ class Trainer:
                     n = int(attn[rows].sum(-1).max())  # trim this micro-batch's padding
                     with torch.autocast(device_type=torch.device(cfg.run.device).type, dtype=torch.bfloat16,
                                         enabled=cfg.trainer.bf16):
-                        logits = self.model(input_ids=ids[rows, :n], attention_mask=attn[rows, :n]).logits[:, :-1]
+                        logits = self.model(input_ids=ids[rows, :n]).logits[:, :-1]
                     logits = logits.float()
                     logp = token_logprobs(logits, targets[rows, : n - 1])
                     m = tmask[rows, : n - 1]
@@ -211,7 +214,7 @@ class Trainer:
     def _logprobs(self, model, ids, attn) -> torch.Tensor:
         out = []
         for rows in torch.arange(len(ids)).split(self.cfg.trainer.micro_batch_size):
-            logits = model(input_ids=ids[rows], attention_mask=attn[rows]).logits[:, :-1].float()
+            logits = model(input_ids=ids[rows]).logits[:, :-1].float()
             out.append(token_logprobs(logits, ids[rows, 1:]))
         return torch.cat(out)
 

@@ -170,9 +170,13 @@ class MultiHopEnv:
         answer = self.world.wrong_answer(task, rng) if answer_wrong else task.answers[0]
         turns = []
         for i, name in enumerate(chain):
-            need = _sentence(f"I need {relations[i].phrase.format(x=name)}.")
-            known = _sentence(relations[i - 1].fact.format(x=chain[i - 1], y=name)) + ". " if i else ""
-            turns.append(f"<think>{known}{need}</think>\n<search>{name}</search>")
+            # Short thoughts: the first names what is needed, later ones restate the fact just read,
+            # which is where the bridge entity is copied from (the hard step for small models).
+            if i == 0:
+                thought = _sentence(f"I need {relations[i].phrase.format(x=name)}.")
+            else:
+                thought = _sentence(relations[i - 1].fact.format(x=chain[i - 1], y=name)) + "."
+            turns.append(f"<think>{thought}</think>\n<search>{name}</search>")
         last = _sentence(relations[-1].fact.format(x=chain[-1], y=answer))
         turns.append(f"<think>{last}.</think>\n<answer>{answer}</answer>")
         if add_useless and len(turns) + 1 <= self.max_turns:
