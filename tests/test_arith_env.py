@@ -45,8 +45,10 @@ def test_split_sizes_disjoint_and_heldout_unseen(env):
 
 
 def test_accepts_shared_config_keys():
-    env = make_env("arith", seed=0, max_turns=4, train_size=3, validation_size=0, test_size=0, heldout_size=0)
+    env = make_env("arith", seed=0, max_turns=1, train_size=3, validation_size=0, test_size=0, heldout_size=0)
     assert env.max_turns == 1
+    with pytest.raises(ValueError, match="single-turn: set env.max_turns=1"):
+        make_env("arith", max_turns=4)
     with pytest.raises(ValueError, match="unknown option 'top_k'"):
         make_env("arith", top_k=3)
 

@@ -110,3 +110,12 @@ def test_bad_config_file_and_resume_of_nothing(tmp_path):
     assert p.returncode == 2 and "not valid YAML" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     p = _cli("train", "--resume", str(tmp_path))
     assert p.returncode == 2 and "not a run directory" in p.stderr
+
+
+def test_single_turn_arith_environment_trains(tmp_path):
+    args = [a for a in TINY_RUN if not a.startswith("env.options.")]
+    run, res = train(None, [*args, "env.name=arith", "env.max_turns=1", "env.options={train_size: 120, validation_size: 16}",
+                            f"run.dir={tmp_path / 'a'}", "trainer.steps=2"], log=lambda *_: None)
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert len(rows) == 2 and all(r["mean_turns"] == 1.0 and r["tool_calls"] == 0 for r in rows)
+    assert res["n"] == 8 and 0.0 <= res["em"] <= 1.0

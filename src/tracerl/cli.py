@@ -25,8 +25,17 @@ def _config_path(arg: str | None) -> str | None:
     return arg or None
 
 
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
+    hf_logging.set_verbosity_error()
+
+
 def cmd_train(args) -> int:
     from tracerl.train import train
+
+    _quiet_transformers()
 
     if args.help_config:
         from tracerl.config import describe_fields
@@ -45,6 +54,7 @@ def cmd_sft(args) -> int:
     from tracerl.config import load_config
     from tracerl.sft import run_sft
 
+    _quiet_transformers()
     cfg = load_config(_config_path(args.config), args.overrides)
     print(f"SFT model: {run_sft(cfg, force=args.force)}")
     return 0
@@ -77,6 +87,7 @@ def cmd_eval(args) -> int:
     from tracerl.models.io import load_policy
     from tracerl.sft import build_env
 
+    _quiet_transformers()
     model_dir, run_dir = _resolve_checkpoint(Path(args.checkpoint))
     cfg_path = args.config or (str(run_dir / "config.yaml") if run_dir else _config_path(None))
     cfg = load_config(cfg_path, args.overrides)

@@ -72,7 +72,7 @@ class SFTConfig(Section):
 class RolloutConfig(Section):
     prompts_per_step: int = Field(8, ge=1, description="Prompts (groups) sampled per training step.")
     group_size: int = Field(8, ge=1, description="Chains per prompt (G).")
-    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy); the trained policy is softmax(logits / T).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1 = off; top-k is never applied).")
     max_turn_tokens: int = Field(48, ge=1, description="Token cap of one model turn; hitting it is a format error.")
     batch_size: int = Field(64, ge=1, description="Maximum sequences per generation call.")

@@ -20,7 +20,7 @@ from tracerl.config import Config
 from tracerl.envs import make_env
 from tracerl.envs.base import Environment
 from tracerl.errors import DataError
-from tracerl.models.io import atomic_save_pretrained, cache_dir
+from tracerl.models.io import atomic_save_pretrained, cache_dir, file_lock
 from tracerl.models.tiny import build_tiny_model, train_tokenizer
 from tracerl.rollout import replay_turns
 
@@ -92,8 +92,13 @@ def _collate(rows, pad_id: int):
 def run_sft(cfg: Config, force: bool = False, log=print) -> Path:
     """Train (or reuse) the tiny warm-start model; returns the cached model directory."""
     out = sft_dir(cfg)
-    if (out / "sft_meta.json").is_file() and not force:
-        return out
+    with file_lock(out.parent / f".{out.name}.lock"):  # one trainer per key; the others wait and reuse
+        if (out / "sft_meta.json").is_file() and not force:
+            return out
+        return _train_sft(cfg, out, log)
+
+
+def _train_sft(cfg: Config, out: Path, log) -> Path:
     t0 = time.time()
     env = build_env(cfg)
     demos = _demos(env, cfg)

@@ -122,6 +122,9 @@ class Trainer:
             self.ref_model, _ = load_policy(self.model_path, dtype=dtype)
             self.ref_model.to(cfg.run.device).eval().requires_grad_(False)
         self.policy = HFPolicy(self.model, self.tokenizer, cfg.run.device, cfg.model.max_context)
+        # The policy being optimised is the one that samples: softmax(logits / T). Log-probs of the
+        # ratio, KL and entropy use the same temperature, so training stays on-policy at any T.
+        self.temperature = cfg.rollout.temperature or 1.0
 
     def _setup_optimizer(self) -> None:
         t = self.cfg.trainer
@@ -182,7 +185,7 @@ class Trainer:
                     with torch.autocast(device_type=torch.device(cfg.run.device).type, dtype=torch.bfloat16,
                                         enabled=cfg.trainer.bf16):
                         logits = self.model(input_ids=ids[rows, :n]).logits[:, :-1]
-                    logits = logits.float()
+                    logits = logits.float() / self.temperature
                     logp = token_logprobs(logits, targets[rows, : n - 1])
                     m = tmask[rows, : n - 1]
                     old = logp.detach() if old_logp is None else old_logp[rows, : n - 1]
@@ -214,7 +217,7 @@ class Trainer:
     def _logprobs(self, model, ids, attn) -> torch.Tensor:
         out = []
         for rows in torch.arange(len(ids)).split(self.cfg.trainer.micro_batch_size):
-            logits = model(input_ids=ids[rows]).logits[:, :-1].float()
+            logits = model(input_ids=ids[rows]).logits[:, :-1].float() / self.temperature
             out.append(token_logprobs(logits, ids[rows, 1:]))
         return torch.cat(out)
 

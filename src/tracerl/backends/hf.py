@@ -16,7 +16,7 @@ from transformers import DynamicCache
 @dataclass
 class Generation:
     token_ids: list[int]  # sampled tokens, including a final EOS / stop-string token
-    logprobs: list[float]  # log pi(token | context) at temperature 1, no top-p (what the trainer recomputes)
+    logprobs: list[float]  # log softmax(logits / T) of the token (T = 1 when greedy); what the trainer recomputes
     stopped: str  # "stop" (stop string), "eos", "length" (hit max_new_tokens or context cap)
 
 
@@ -85,7 +85,7 @@ class HFPolicy:
         alive = torch.tensor([b > 0 for b in budget], dtype=torch.bool)
         for _ in range(max(budget)):
             tok = _sample(logits, params, generator)
-            logp = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
+            logp = torch.log_softmax(logits / (params.temperature or 1.0), -1).gather(-1, tok[:, None]).squeeze(-1)
             tok_cpu, logp_cpu = tok.cpu().tolist(), logp.cpu().tolist()
             for i in range(B):
                 if not alive[i]:

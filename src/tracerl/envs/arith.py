@@ -11,6 +11,7 @@ import random
 import re
 from typing import Any
 
+from tracerl.errors import OptionError
 from tracerl.envs.base import StepResult, Task
 
 SPLITS = ("train", "validation", "test", "heldout")
@@ -83,9 +84,9 @@ class ArithmeticEnv:
     def __init__(self, seed: int = 0, train_size: int = 2000, validation_size: int = 200, test_size: int = 200,
                  heldout_size: int = 200, max_turn_chars: int | None = None, max_turns: int = 1):
         # max_turns is accepted so that every environment takes the shared config keys; an arithmetic
-        # episode always ends after its single turn.
-        if max_turns < 1:
-            raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+        # episode is a single turn, so any other value is a configuration mistake worth naming.
+        if max_turns != 1:
+            raise OptionError(f"environment 'arith' is single-turn: set env.max_turns=1 (got {max_turns})")
         if min(train_size, validation_size, test_size, heldout_size) < 0:
             raise ValueError("split sizes must be >= 0")
         self.seed, self.max_turn_chars = seed, max_turn_chars

@@ -6,12 +6,14 @@ temporary sibling, never a directory that looks valid but holds half the weights
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -91,3 +93,15 @@ def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> 
     model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock across processes (parallel test workers, two runs sharing one cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -14,19 +14,17 @@ result carries no quantization state at all.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from tracerl.errors import ModelLoadError
-from tracerl.models.io import atomic_save_pretrained, cache_dir, check_model_dir
+from tracerl.models.io import atomic_save_pretrained, cache_dir, check_model_dir, file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +76,7 @@ def smollm2_path() -> Path:
     out = cache_dir() / CACHE_NAME
     if _is_current(out, source):
         return out
-    with _file_lock(out.parent / f"{CACHE_NAME}.lock"):
+    with file_lock(out.parent / f"{CACHE_NAME}.lock"):
         if _is_current(out, source):
             return out
         start = time.perf_counter()
@@ -99,17 +97,6 @@ def _is_current(out: Path, source: dict[str, Any]) -> bool:
     except (OSError, ValueError):
         return False
     return all(recorded.get(k) == v for k, v in source.items())
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def convert_gguf(path: str | Path) -> tuple[Any, Any]:
