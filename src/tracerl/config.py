@@ -65,7 +65,7 @@ class SFTConfig(Section):
     wrong_answer: float = Field(0.15, ge=0, le=1, description="Probability a demo ends with a wrong answer.")
     steps: int = Field(600, ge=1, description="SFT optimizer steps.")
     batch_size: int = Field(16, ge=1, description="SFT batch size (sequences).")
-    lr: float = Field(2e-3, gt=0, description="SFT peak learning rate (cosine decay, 5% warm-up).")
+    lr: float = Field(5e-3, gt=0, description="SFT peak learning rate (cosine decay, 5% warm-up).")
     seed: int = Field(0, description="Seed of demo noise, init and data order for SFT.")
 
 
@@ -94,8 +94,8 @@ class AlgoConfig(Section):
 
 
 class TrainerConfig(Section):
-    steps: int = Field(300, ge=0, description="RL optimizer steps.")
-    lr: float = Field(3e-4, gt=0, description="AdamW learning rate (constant after warm-up).")
+    steps: int = Field(100, ge=0, description="RL optimizer steps.")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (constant after warm-up).")
     warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
