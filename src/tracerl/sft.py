@@ -78,15 +78,14 @@ def _batches(rows, batch_size: int, steps: int, seed: int):
 
 
 def _collate(rows, pad_id: int):
+    """Right-padded ids (B, L) and loss mask (B, L); right padding needs no attention mask."""
     L = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
     loss_mask = torch.zeros((len(rows), L), dtype=torch.float32)
     for i, (tok, lm) in enumerate(rows):
         ids[i, : len(tok)] = torch.tensor(tok)
-        mask[i, : len(tok)] = 1
         loss_mask[i, : len(tok)] = torch.tensor(lm, dtype=torch.float32)
-    return ids, mask, loss_mask
+    return ids, loss_mask
 
 
 def run_sft(cfg: Config, force: bool = False, log=print) -> Path:
@@ -122,7 +121,7 @@ def _train_sft(cfg: Config, out: Path, log) -> Path:
     model.train()
     losses = []
     for step, batch in enumerate(_batches(rows, cfg.sft.batch_size, cfg.sft.steps, cfg.sft.seed)):
-        ids, mask, lm = _collate(batch, tokenizer.pad_token_id)
+        ids, lm = _collate(batch, tokenizer.pad_token_id)
         logits = model(input_ids=ids).logits[:, :-1].float()  # right padding: no mask needed
         target, w = ids[:, 1:], lm[:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none")
