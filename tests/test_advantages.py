@@ -61,7 +61,7 @@ def test_integer_rewards_and_shape_errors():
 
 
 def test_registry_names_and_unknown():
-    assert ADVANTAGES.names() == ["dr_grpo", "grpo"]
+    assert ADVANTAGES.names() == ["dr_grpo", "grpo", "tree_grpo", "treepo"]
     with pytest.raises(ValueError, match="valid: dr_grpo, grpo"):
         ADVANTAGES.get("ppo")
 

@@ -22,7 +22,7 @@ def test_reported_logprobs_equal_a_fresh_forward(tiny_policy, small_env):
     assert len({len(p) for p in prompts}) > 1
     g = torch.Generator().manual_seed(0)
     gens, prefill = tiny_policy.generate(prompts, SamplingParams(max_new_tokens=12), g)
-    assert prefill == sum(len(p) for p in prompts)
+    assert prefill.computed == sum(len(p) for p in prompts) and prefill.saved == 0
     with torch.no_grad():
         for p, gen in zip(prompts, gens):
             assert 1 <= len(gen.token_ids) <= 12 and len(gen.logprobs) == len(gen.token_ids)

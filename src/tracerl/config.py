@@ -19,6 +19,9 @@ class ConfigError(TracerlError):
     """A configuration problem, reported to the user as one line."""
 
 
+TREE_ESTIMATORS = ("tree_grpo", "treepo")  # advantage estimators that need more than one tree node
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -76,10 +79,27 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1 = off; top-k is never applied).")
     max_turn_tokens: int = Field(48, ge=1, description="Token cap of one model turn; hitting it is a format error.")
     batch_size: int = Field(64, ge=1, description="Maximum sequences per generation call.")
+    allocator: str = Field("uniform", description="Where rollouts go (registry: uniform = G chains per prompt, tree_grpo = random tree expansion).")
+    trees_per_prompt: int = Field(2, ge=1, description="tree_grpo: trees per prompt (M), each seeded by one chain.")
+    expansions: int = Field(2, ge=1, description="tree_grpo: nodes drawn per tree per round (N), uniformly with replacement from the root and non-leaf nodes.")
+    rounds: int = Field(1, ge=0, description="tree_grpo: expansion rounds (L).")
+    leaves_per_tree: int | None = Field(None, ge=1, description="tree_grpo: leaves kept per tree (K ≤ 1 + N·L; None keeps all).")
+    token_budget: int | None = Field(None, ge=1, description="Generated-token budget per prompt per step: chains or tree rounds are added until it is spent (equal-cost comparisons).")
+    max_budget_waves: int = Field(8, ge=1, description="With token_budget: at most this many extra waves (chains) or rounds (trees) per step.")
+
+    @model_validator(mode="after")
+    def _tree_shape(self) -> "RolloutConfig":
+        k, cap = self.leaves_per_tree, 1 + self.expansions * self.rounds
+        if k is not None and k > cap:
+            raise ValueError(f"rollout.leaves_per_tree (K) = {k} exceeds 1 + N·L = {cap} "
+                             f"(N = rollout.expansions = {self.expansions}, L = rollout.rounds = {self.rounds})")
+        return self
 
 
 class AlgoConfig(Section):
-    advantage: str = Field("grpo", description="Advantage estimator (registry: grpo, dr_grpo).")
+    advantage: str = Field("grpo", description="Advantage estimator (registry: grpo, dr_grpo, tree_grpo, treepo; tree ones need a tree allocator).")
+    tree_w_intra: float = Field(1.0, description="tree_grpo: weight of the intra-tree z-score.")
+    tree_w_inter: float = Field(1.0, description="tree_grpo: weight of the inter-tree (prompt-level) z-score.")
     adv_eps: float = Field(1e-6, description="Epsilon added to the group std.")
     singleton: Literal["zero", "raw"] = Field("zero", description="Advantage of a group with one trajectory.")
     policy_loss: str = Field("ppo_clip", description="Policy loss (registry: ppo_clip).")
@@ -111,6 +131,7 @@ class TrainerConfig(Section):
     keep_checkpoints: int = Field(2, ge=1, description="Number of most recent checkpoints kept.")
     tensorboard: bool = Field(True, description="Write TensorBoard events under RUN_DIR/tb.")
     progress: bool = Field(True, description="Show a progress bar.")
+    tree_log_every: int = Field(10, ge=0, description="Write the step's rollout trees to RUN_DIR/trees/ every N steps (0: never); the report's tree view reads them.")
 
 
 class Config(Section):
@@ -122,6 +143,13 @@ class Config(Section):
     algo: AlgoConfig = Field(default_factory=AlgoConfig, description="Advantage, loss and regularisers.")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Optimisation, evaluation, checkpoints.")
 
+    @model_validator(mode="after")
+    def _tree_estimator_needs_trees(self) -> "Config":
+        if self.algo.advantage in TREE_ESTIMATORS and self.rollout.allocator == "uniform":
+            raise ValueError(f"algo.advantage={self.algo.advantage} needs tree rollouts; "
+                             "set rollout.allocator=tree_grpo (or use grpo / dr_grpo)")
+        return self
+
     def run_dir(self) -> Path:
         return Path(self.run.dir) if self.run.dir else Path(self.run.out_dir) / self.run.name
 
@@ -131,6 +159,8 @@ def _format_error(err: ValidationError, source: str) -> str:
     key = ".".join(str(p) for p in e["loc"]) or "(root)"
     if e["type"] == "extra_forbidden":
         return f"{source}: unknown config key '{key}'"
+    if e["type"] == "value_error":  # a cross-field rule: its message names the keys
+        return f"{source}: {e['msg'].removeprefix('Value error, ')}"
     return f"{source}: config key '{key}': {e['msg']}"
 
 

@@ -7,6 +7,7 @@ exactly these ids (loss mask 1 on sampled tokens only), so there is no re-tokeni
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from tracerl.backends.hf import HFPolicy, SamplingParams
 from tracerl.errors import EnvironmentStepError, TracerlError
 from tracerl.envs.base import Environment, StepResult, Task
+from tracerl.tree import RolloutTree, TurnRecord
 
 
 class PromptError(TracerlError):
@@ -48,10 +50,13 @@ class Trajectory:
     logprobs: list[float]  # sampling-time log-probs, 0.0 where loss_mask == 0
     prompt_len: int
     state: dict[str, Any]
-    turns: list[dict[str, Any]] = field(default_factory=list)  # text, action, format_error, observation
+    turns: list[dict[str, Any]] = field(default_factory=list)  # text, action, format_error, observation, span
+    turn_states: list[dict[str, Any]] = field(default_factory=list)  # environment state after each turn
     done: bool = False
     reward: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)  # final em, f1, truncated ...
+    tree: RolloutTree | None = None  # the tree this leaf belongs to (tree rollouts)
+    node: int = -1  # its leaf node id in that tree
 
     @property
     def num_turns(self) -> int:
@@ -71,21 +76,34 @@ class Trajectory:
 
 @dataclass
 class RolloutCost:
-    gen_tokens: int = 0
-    prefill_tokens: int = 0
-    tool_calls: int = 0
-    trajectories: int = 0
+    """Measured sampling cost of a step (METHODS.md §1); every method is charged the same way."""
+
+    gen_tokens: int = 0  # tokens sampled by the policy, discarded work included
+    prefill_tokens: int = 0  # prompt/prefix tokens actually run through the model
+    prefill_saved: int = 0  # prefix tokens not recomputed thanks to a shared KV cache
+    tool_calls: int = 0  # environment tool executions (continuations do not repeat their prefix's calls)
+    trajectories: int = 0  # leaves generated (chains, seed chains and continuations)
+    continuations: int = 0  # trajectories resumed from a saved prefix (tree expansions)
+    continuation_gen_tokens: int = 0  # the part of gen_tokens sampled by continuations
 
     def add(self, other: "RolloutCost") -> None:
-        self.gen_tokens += other.gen_tokens
-        self.prefill_tokens += other.prefill_tokens
-        self.tool_calls += other.tool_calls
-        self.trajectories += other.trajectories
+        for k, v in vars(other).items():
+            setattr(self, k, getattr(self, k) + v)
+
+    @property
+    def continuation_fraction(self) -> float:
+        """f: mean generated tokens of a continuation / of a chain from the root (0 without continuations)."""
+        chains = self.trajectories - self.continuations
+        chain_tokens = self.gen_tokens - self.continuation_gen_tokens
+        if not self.continuations or not chains or not chain_tokens:
+            return 0.0
+        return (self.continuation_gen_tokens / self.continuations) / (chain_tokens / chains)
 
 
 def _apply_turn(traj: Trajectory, tokenizer, env: Environment, gen_ids, gen_logprobs, turn_text, truncated,
                 max_context: int) -> StepResult:
     """Append one model turn (and its observation) to a trajectory; the env decides what follows."""
+    start = len(traj.token_ids)
     traj.token_ids += gen_ids
     traj.loss_mask += [1] * len(gen_ids)
     traj.logprobs += gen_logprobs
@@ -95,14 +113,18 @@ def _apply_turn(traj: Trajectory, tokenizer, env: Environment, gen_ids, gen_logp
         raise EnvironmentStepError(
             f"environment {env.name!r} raised {type(e).__name__}: {e} (task {traj.task.id}, turn {len(traj.turns) + 1})"
         ) from e
+    # span: [turn start, end of the sampled tokens, end of the observation tokens) in token_ids
     turn = {"text": turn_text, "action": res.info.get("action"), "format_error": res.info.get("format_error"),
-            "tool_call": bool(res.info.get("tool_call")), "observation": res.observation}
+            "tool_call": bool(res.info.get("tool_call")), "observation": res.observation,
+            "span": [start, len(traj.token_ids), len(traj.token_ids)]}
     traj.turns.append(turn)
+    traj.turn_states.append(traj.state)
     if not res.done and res.observation:
         obs_ids = tokenizer.encode(res.observation, add_special_tokens=False)
         traj.token_ids += obs_ids
         traj.loss_mask += [0] * len(obs_ids)
         traj.logprobs += [0.0] * len(obs_ids)
+        turn["span"][2] = len(traj.token_ids)
         if len(traj.token_ids) >= max_context:  # no room for another turn: a failure, never a crash
             res = StepResult(observation=None, done=True, reward=0.0, info={**res.info, "truncated": True, "context_full": True})
     if res.done:
@@ -124,6 +146,51 @@ def replay_turns(tokenizer, env: Environment, task: Task, turn_texts: list[str],
     return traj
 
 
+def new_trajectory(task: Task, group: int, prompt_ids: list[int], state: dict[str, Any]) -> Trajectory:
+    return Trajectory(task, group, list(prompt_ids), [0] * len(prompt_ids), [0.0] * len(prompt_ids), len(prompt_ids),
+                      state)
+
+
+def turn_params(params: SamplingParams, env: Environment) -> SamplingParams:
+    """The sampling parameters of one turn: the environment's stop strings unless given."""
+    return SamplingParams(params.max_new_tokens, params.temperature, params.top_p,
+                          tuple(params.stop_strings) or tuple(env.stop_strings))
+
+
+def run_turns(policy: HFPolicy, env: Environment, trajs: list[Trajectory], params: SamplingParams,
+              generator: torch.Generator | None = None, batch_size: int = 64) -> RolloutCost:
+    """Continue every unfinished trajectory to its end, all turns batched across trajectories.
+
+    Trajectories may start anywhere: at their prompt, or at a restored prefix (a tree node), in which
+    case the environment state they carry decides how many turns remain. Rows with identical token
+    prefixes in one generation call share their prefill (see `HFPolicy.generate`)."""
+    tok = policy.tokenizer
+    params = turn_params(params, env)
+    cost = RolloutCost()
+    for t in trajs:
+        if not t.done and len(t.token_ids) >= policy.max_context:  # the prompt alone fills the context
+            t.done, t.info = True, {"truncated": True, "context_full": True}
+    active = [t for t in trajs if not t.done]
+    for _ in range(env.max_turns):
+        if not active:
+            break
+        for start in range(0, len(active), batch_size):
+            chunk = active[start:start + batch_size]
+            gens, prefill = policy.generate([t.token_ids for t in chunk], params, generator)
+            cost.prefill_tokens += prefill.computed
+            cost.prefill_saved += prefill.saved
+            for t, gen in zip(chunk, gens):
+                cost.gen_tokens += len(gen.token_ids)
+                text = policy.decode(gen.token_ids)
+                res = _apply_turn(t, tok, env, gen.token_ids, gen.logprobs, text, gen.stopped == "length",
+                                  policy.max_context)
+                cost.tool_calls += int(bool(res.info.get("tool_call")))
+        active = [t for t in active if not t.done]
+    for t in active:  # an environment that did not end its episodes at max_turns: count as failures
+        t.done, t.reward, t.info = True, 0.0, {**t.info, "truncated": True}
+    return cost
+
+
 def run_chains(
     policy: HFPolicy,
     env: Environment,
@@ -135,34 +202,93 @@ def run_chains(
     batch_size: int = 64,
 ) -> tuple[list[Trajectory], RolloutCost]:
     """Sample `group_size` independent chains per task, all turns batched across trajectories."""
-    tok = policy.tokenizer
-    params = SamplingParams(params.max_new_tokens, params.temperature, params.top_p,
-                            tuple(params.stop_strings) or tuple(env.stop_strings))
     trajs: list[Trajectory] = []
     for g, task in enumerate(tasks):
-        prompt = encode_prompt(tok, env, task, chat_template)
-        for _ in range(group_size):
-            trajs.append(Trajectory(task, g, list(prompt), [0] * len(prompt), [0.0] * len(prompt), len(prompt),
-                                    env.initial_state(task)))
-    cost = RolloutCost(trajectories=len(trajs))
-    for t in trajs:
-        if len(t.token_ids) >= policy.max_context:  # the prompt alone fills the context
-            t.done, t.info = True, {"truncated": True, "context_full": True}
-    active = [t for t in trajs if not t.done]
-    for _ in range(env.max_turns):
-        if not active:
-            break
-        for start in range(0, len(active), batch_size):
-            chunk = active[start:start + batch_size]
-            gens, prefill = policy.generate([t.token_ids for t in chunk], params, generator)
-            cost.prefill_tokens += prefill
-            for t, gen in zip(chunk, gens):
-                cost.gen_tokens += len(gen.token_ids)
-                text = policy.decode(gen.token_ids)
-                res = _apply_turn(t, tok, env, gen.token_ids, gen.logprobs, text, gen.stopped == "length",
-                                  policy.max_context)
-                cost.tool_calls += int(bool(res.info.get("tool_call")))
-        active = [t for t in active if not t.done]
-    for t in active:  # an environment that did not end its episodes at max_turns: count as failures
-        t.done, t.reward, t.info = True, 0.0, {**t.info, "truncated": True}
+        prompt = encode_prompt(policy.tokenizer, env, task, chat_template)
+        trajs += [new_trajectory(task, g, prompt, env.initial_state(task)) for _ in range(group_size)]
+    cost = run_turns(policy, env, trajs, params, generator, batch_size)
+    cost.trajectories = len(trajs)
     return trajs, cost
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trees: the engine that executes an allocation plan (which node to continue from, how many times)
+
+
+def restore(tree: RolloutTree, node_id: int) -> Trajectory:
+    """A trajectory positioned at a tree node: its exact token prefix (observations included),
+    loss mask, log-probs, turns and the environment state saved after the node."""
+    ids, mask, logp = tree.prefix(node_id)
+    node = tree.nodes[node_id]
+    traj = Trajectory(tree.task, tree.group, ids, mask, logp, tree.prompt_len, copy.deepcopy(node.state))
+    traj.turns = tree.turns(node_id)
+    traj.turn_states = [n.state for n in tree.path(node_id)[1:]]
+    return traj
+
+
+def turn_records(traj: Trajectory, start_turn: int) -> list[TurnRecord]:
+    """The turns of `traj` from `start_turn` on, cut into tree-node records by their token spans."""
+    out = []
+    for turn, state in zip(traj.turns[start_turn:], traj.turn_states[start_turn:]):
+        a, b, c = turn["span"]
+        out.append(TurnRecord(traj.token_ids[a:b], traj.logprobs[a:b], traj.token_ids[b:c],
+                              {k: v for k, v in turn.items() if k != "span"}, state))
+    return out
+
+
+class RolloutEngine:
+    """Grows rollout trees for a step: seed chains from roots and continuations from any
+    non-leaf node, batched across all jobs of a call, with measured cost (`self.cost`).
+
+    Branches from the same node share their token prefix exactly, so the backend prefills it once
+    and copies its KV cache to each branch (`prefill_saved` counts what that avoided)."""
+
+    def __init__(self, policy: HFPolicy, env: Environment, params: SamplingParams,
+                 generator: torch.Generator | None = None, chat_template: str = "auto", batch_size: int = 64):
+        self.policy, self.env, self.params = policy, env, params
+        self.generator, self.chat_template, self.batch_size = generator, chat_template, batch_size
+        self.cost = RolloutCost()
+
+    def plant(self, tasks: list[Task], trees_per_prompt: int = 1) -> list[RolloutTree]:
+        """Empty trees (roots only): `trees_per_prompt` per task, grouped by task."""
+        trees = []
+        for g, task in enumerate(tasks):
+            prompt = encode_prompt(self.policy.tokenizer, self.env, task, self.chat_template)
+            trees += [RolloutTree(task, g, m, prompt, self.env.initial_state(task)) for m in range(trees_per_prompt)]
+        return trees
+
+    def grow(self, jobs: list[tuple[RolloutTree, int]], continuation: bool = False) -> list[int]:
+        """Run one trajectory per (tree, node) job to its end and hang it below the node.
+
+        Returns each job's new leaf id and its generated tokens (`self.last_gen_tokens`).
+        `continuation` marks expansions (counted for the measured continuation cost fraction)."""
+        # a deterministic order that puts branches of one node next to each other (one shared prefill)
+        order = sorted(range(len(jobs)), key=lambda i: (jobs[i][0].group, jobs[i][0].index, jobs[i][1]))
+        trajs = [restore(*jobs[i]) for i in order]
+        starts = [(len(t.turns), len(t.token_ids)) for t in trajs]
+        cost = run_turns(self.policy, self.env, trajs, self.params, self.generator, self.batch_size)
+        cost.trajectories = len(jobs)
+        leaves, gen = [0] * len(jobs), [0] * len(jobs)
+        for i, t, (n_turns, n_tokens) in zip(order, trajs, starts):
+            tree, node = jobs[i]
+            leaves[i] = tree.attach(node, turn_records(t, n_turns), t.done, t.reward, t.info)
+            gen[i] = sum(t.loss_mask[n_tokens:])
+        if continuation:
+            cost.continuations = len(jobs)
+            cost.continuation_gen_tokens = cost.gen_tokens
+        self.cost.add(cost)
+        self.last_gen_tokens = gen
+        return leaves
+
+
+def leaf_trajectories(trees: list[RolloutTree]) -> list[Trajectory]:
+    """One training trajectory per leaf (a prefix shared by n leaves appears in n of them)."""
+    out = []
+    for tree in trees:
+        for leaf in tree.leaf_ids():
+            traj = restore(tree, leaf)
+            node = tree.nodes[leaf]
+            traj.done, traj.reward, traj.info = True, float(node.reward or 0.0), dict(node.info)
+            traj.tree, traj.node = tree, leaf
+            out.append(traj)
+    return out

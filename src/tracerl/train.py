@@ -3,8 +3,9 @@
 Life cycle (torchtune-style): setup -> train -> save. One step reads top to bottom:
 
     tasks  = next prompts (a pure function of seed and step, so resume is exact)
-    trajs  = G chains per prompt                       (rollout engine, sampled token ids)
-    adv    = ADVANTAGES[algo.advantage](rewards, groups)
+    trees  = ALLOCATORS[rollout.allocator](engine, tasks)   (G chains, or Tree-GRPO trees)
+    trajs  = one trajectory per leaf                   (the exact sampled token ids)
+    adv    = ADVANTAGES[algo.advantage](rewards, prompts, trees, ancestors)
     loss   = AGGREGATIONS[agg](POLICY_LOSSES[loss](logp, old_logp, adv, mask)) + kl + entropy
     AdamW step with gradient clipping; metrics, evaluation and atomic checkpoints on schedule.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from tracerl.allocate import ALLOCATORS
 from tracerl.algos import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from tracerl.algos.losses import entropy_from_logits, token_logprobs
 from tracerl.algos.metrics import effective_ratio, zero_advantage_fraction
@@ -29,7 +31,8 @@ from tracerl.config import Config, ConfigError, dump_config, load_config
 from tracerl.errors import CheckpointError, DataError, TracerlError
 from tracerl.evaluate import evaluate, summarize
 from tracerl.models.io import load_policy
-from tracerl.rollout import RolloutCost, Trajectory, run_chains
+from tracerl.rollout import RolloutCost, RolloutEngine, Trajectory, leaf_trajectories
+from tracerl.tree import RolloutTree, mixed_anchors, write_jsonl
 from tracerl.runlog import Progress, RunLogger
 from tracerl.sft import build_env, run_sft
 
@@ -79,9 +82,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        for name, reg in (("algo.advantage", ADVANTAGES), ("algo.policy_loss", POLICY_LOSSES),
+        for name, reg in (("rollout.allocator", ALLOCATORS), ("algo.advantage", ADVANTAGES), ("algo.policy_loss", POLICY_LOSSES),
                           ("algo.aggregation", AGGREGATIONS), ("algo.kl_estimator", KL_ESTIMATORS)):
-            key = getattr(cfg.algo, name.split(".")[1])
+            section, field = name.split(".")
+            key = getattr(getattr(cfg, section), field)
             if key not in reg:
                 raise ConfigError(f"config key '{name}': unknown name {key!r}; valid: {', '.join(reg.names())}")
         self._setup_run_dir()
@@ -147,11 +151,17 @@ class Trainer:
         rng = random.Random(self.cfg.run.seed * 1_000_003 + step)
         return rng.sample(self.train_tasks, min(self.cfg.rollout.prompts_per_step, len(self.train_tasks)))
 
-    def rollout(self, step: int) -> tuple[list[Trajectory], RolloutCost]:
+    def rollout(self, step: int) -> tuple[list[RolloutTree], RolloutCost]:
+        """The step's rollout trees (chains are trees whose leaves all hang from the root)."""
         r = self.cfg.rollout
         params = SamplingParams(r.max_turn_tokens, r.temperature, r.top_p, tuple(self.env.stop_strings))
-        return run_chains(self.policy, self.env, self.sample_tasks(step), r.group_size, params,
-                          step_generator(self.cfg.run.seed, step), self.cfg.model.chat_template, r.batch_size)
+        engine = RolloutEngine(self.policy, self.env, params, step_generator(self.cfg.run.seed, step),
+                               self.cfg.model.chat_template, r.batch_size)
+        rng = random.Random(self.cfg.run.seed * 1_000_003 + step * 7919 + 17)
+        trees = ALLOCATORS.get(r.allocator)(engine, self.sample_tasks(step), r, rng)
+        for t in trees:
+            t.update_stats()
+        return trees, engine.cost
 
     def lr_at(self, step: int) -> float:
         t = self.cfg.trainer
@@ -221,27 +231,53 @@ class Trainer:
             out.append(token_logprobs(logits, ids[rows, 1:]))
         return torch.cat(out)
 
+    def advantages(self, trajs: list[Trajectory]) -> torch.Tensor:
+        """One advantage per leaf from the registered estimator; prompts, trees and ancestor
+        sub-groups (prompt, then every node above the leaf) are passed as integer ids."""
+        a = self.cfg.algo
+        rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
+        groups = torch.tensor([t.group for t in trajs], dtype=torch.long)
+        tree_key = {}
+        for t in trajs:
+            tree_key.setdefault((t.tree.group, t.tree.index), len(tree_key))
+        tree_ids = torch.tensor([tree_key[(t.tree.group, t.tree.index)] for t in trajs], dtype=torch.long)
+        n_groups = int(groups.max()) + 1 if len(trajs) else 0
+        ancestors = [[int(t.group)] + [n_groups + tree_key[(t.tree.group, t.tree.index)] * 1_000_000 + n.id
+                                       for n in t.tree.path(t.node)[:-1]] for t in trajs]
+        return ADVANTAGES.get(a.advantage)(rewards, groups, tree_ids=tree_ids, ancestors=ancestors, eps=a.adv_eps,
+                                           singleton=a.singleton, w_intra=a.tree_w_intra, w_inter=a.tree_w_inter)
+
     def train_step(self, step: int) -> dict[str, float]:
         a = self.cfg.algo
         t0 = time.time()
-        trajs, cost = self.rollout(step)
+        trees, cost = self.rollout(step)
+        trajs = leaf_trajectories(trees)
         t1 = time.time()
         rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
         groups = torch.tensor([t.group for t in trajs], dtype=torch.long)
-        adv = ADVANTAGES.get(a.advantage)(rewards, groups, eps=a.adv_eps, singleton=a.singleton)
-        _, _, mask, _ = pad_batch(trajs, self.policy.pad_id)
+        adv = self.advantages(trajs)
+        for t, v in zip(trajs, adv.tolist()):
+            t.tree.nodes[t.node].advantage = v
+        n_gen = torch.tensor([sum(t.loss_mask) for t in trajs], dtype=torch.float32)
         metrics = summarize(trajs)
         metrics.update(effective_ratio=effective_ratio(rewards, groups),
-                       zero_adv_frac=zero_advantage_fraction(adv[:, None] * mask, mask))
+                       zero_adv_frac=zero_advantage_fraction(adv[:, None].expand(-1, 1), torch.ones(len(trajs), 1),
+                                                             weights=n_gen),
+                       mixed_anchors=mixed_anchors(trees), leaves=len(trajs))
         keep = list(range(len(trajs)))
         if a.skip_uniform_groups:
             mixed = {int(g) for g in groups.unique() if rewards[groups == g].unique().numel() > 1}
             keep = [i for i, t in enumerate(trajs) if t.group in mixed]
         if keep:
             metrics.update(self.update([trajs[i] for i in keep], adv[keep], step))
+        every = self.cfg.trainer.tree_log_every
+        if every and (step + 1) % every == 0:
+            write_jsonl(trees, self.run_dir / "trees" / f"step_{step + 1:06d}.jsonl", {"step": step + 1})
         metrics.update(trained_trajectories=len(keep), lr=self.lr_at(step), gen_tokens=cost.gen_tokens,
-                       prefill_tokens=cost.prefill_tokens, tool_calls=cost.tool_calls,
-                       trajectories=cost.trajectories, rollout_s=t1 - t0, update_s=time.time() - t1)
+                       prefill_tokens=cost.prefill_tokens, prefill_saved=cost.prefill_saved,
+                       tool_calls=cost.tool_calls, trajectories=cost.trajectories,
+                       continuations=cost.continuations, continuation_fraction=cost.continuation_fraction,
+                       rollout_s=t1 - t0, update_s=time.time() - t1)
         self.totals["cum_gen_tokens"] += cost.gen_tokens
         self.totals["cum_trajectories"] += cost.trajectories
         self.totals["cum_tool_calls"] += cost.tool_calls

@@ -2,10 +2,14 @@
 
 Every estimator has the same signature so the trainer can look it up by name:
 
-    fn(rewards (N,), group_ids (N,), *, eps=1e-6, singleton="zero") -> advantages (N,)
+    fn(rewards (N,), group_ids (N,), *, eps=1e-6, singleton="zero", tree_ids=None, ancestors=None,
+       w_intra=1.0, w_inter=1.0) -> advantages (N,)
 
 One value per trajectory (leaf); `broadcast_to_tokens` spreads it over the leaf's loss-mask tokens.
-Group ids are arbitrary integers (not necessarily contiguous or sorted).
+`group_ids` are the prompts; tree estimators also use `tree_ids` (N,) (the leaf's tree) or
+`ancestors` (one list of sub-group ids per leaf: the prompt and every tree node above the leaf).
+Ids are arbitrary integers (not necessarily contiguous or sorted); estimators ignore what they
+do not use.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ def _finish(adv: Tensor, rewards: Tensor, size: Tensor, all_equal: Tensor, singl
 
 
 @ADVANTAGES.register("grpo")
-def grpo(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6, singleton: str = "zero") -> Tensor:
+def grpo(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6, singleton: str = "zero", **_: object) -> Tensor:
     """GRPO advantage `(r − mean_g) / (std_g + eps)`, std unbiased (DeepSeekMath, arXiv 2402.03300).
 
     rewards (N,), group_ids (N,) -> (N,). A group whose rewards are all equal gets exactly 0;
@@ -69,7 +73,7 @@ def grpo(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6, singleton: st
 
 
 @ADVANTAGES.register("dr_grpo")
-def dr_grpo(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6, singleton: str = "zero") -> Tensor:
+def dr_grpo(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6, singleton: str = "zero", **_: object) -> Tensor:
     """Dr.GRPO advantage `r − mean_g`, no std division (arXiv 2503.20783).
 
     rewards (N,), group_ids (N,) -> (N,). `eps` is accepted for a uniform signature and unused.
@@ -78,6 +82,48 @@ def dr_grpo(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6, singleton:
     mean, _, size, all_equal = _group_stats(rewards, group_ids)
     adv = rewards.to(mean.dtype) - mean
     return _finish(adv, rewards, size, all_equal, singleton)
+
+
+@ADVANTAGES.register("tree_grpo")
+def tree_grpo(rewards: Tensor, group_ids: Tensor, *, tree_ids: Tensor | None = None, eps: float = 1e-6,
+              singleton: str = "zero", w_intra: float = 1.0, w_inter: float = 1.0, **_: object) -> Tensor:
+    """Tree-GRPO (arXiv 2509.21240): `w_intra·z(r | tree) + w_inter·z(r | prompt)`.
+
+    rewards, group_ids (prompts), tree_ids (N,) -> (N,). Each z-score is GRPO's (unbiased std, eps,
+    all-equal group -> 0, singleton group per `singleton`), so a tree with one leaf adds nothing
+    intra-tree unless `singleton="raw"`.
+    """
+    if tree_ids is None:
+        raise ValueError("tree_grpo needs tree_ids (one tree id per leaf); use a tree allocator")
+    intra = grpo(rewards, tree_ids, eps=eps, singleton=singleton)
+    inter = grpo(rewards, group_ids, eps=eps, singleton=singleton)
+    return (w_intra * intra.double() + w_inter * inter.double()).to(intra.dtype)
+
+
+@ADVANTAGES.register("treepo")
+def treepo(rewards: Tensor, group_ids: Tensor, *, ancestors: list[list[int]] | None = None, eps: float = 1e-6,
+           **_: object) -> Tensor:
+    """TreePO-style (arXiv 2508.17445): the mean over a leaf's ancestor sub-groups of its GRPO z-score
+    within that sub-group (the leaves below the ancestor).
+
+    rewards (N,), ancestors: N lists of sub-group ids -> (N,). Sub-groups with fewer than two
+    leaves are skipped; all-equal sub-groups give 0 (and still count in the mean); a leaf with no
+    sub-group of two or more gets 0.
+    """
+    if ancestors is None or len(ancestors) != rewards.numel():
+        raise ValueError("treepo needs ancestors: one list of ancestor sub-group ids per leaf")
+    leaf = torch.tensor([i for i, a in enumerate(ancestors) for _ in a], dtype=torch.long)
+    sub = torch.tensor([g for a in ancestors for g in a], dtype=torch.long)
+    if leaf.numel() == 0:
+        return torch.zeros_like(rewards, dtype=torch.get_default_dtype())
+    r = rewards.to(torch.float64)[leaf]
+    mean, std, size, all_equal = _group_stats(r, sub)
+    z = torch.where(all_equal, torch.zeros_like(r), (r - mean) / (std + eps))
+    counted = (size >= 2).to(torch.float64)
+    total = torch.zeros(rewards.numel(), dtype=torch.float64).index_add_(0, leaf, z * counted)
+    n = torch.zeros(rewards.numel(), dtype=torch.float64).index_add_(0, leaf, counted)
+    out = torch.where(n > 0, total / n.clamp(min=1), torch.zeros_like(total))
+    return out.to(rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype())
 
 
 def broadcast_to_tokens(advantages: Tensor, loss_mask: Tensor) -> Tensor:

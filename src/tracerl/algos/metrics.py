@@ -27,10 +27,15 @@ def effective_ratio(rewards: Tensor, group_ids: Tensor) -> float:
     return mixed.float().mean().item()
 
 
-def zero_advantage_fraction(token_adv: Tensor, mask: Tensor, tol: float = 1e-8) -> float:
-    """Share of loss-mask tokens with |A| < tol: token_adv, mask (B, T). No mask tokens gives 0.0."""
+def zero_advantage_fraction(token_adv: Tensor, mask: Tensor, tol: float = 1e-8, weights: Tensor | None = None) -> float:
+    """Share of loss-mask tokens with |A| < tol: token_adv, mask (B, T). No mask tokens gives 0.0.
+
+    `weights` (B,) counts row b's entries `weights[b]` times: with one column per trajectory holding
+    its advantage and weights = its number of loss-mask tokens, this equals the padded-token form."""
     on = mask.bool()
-    n = int(on.sum())
+    w = torch.ones(on.shape[0]) if weights is None else weights.to(torch.float64)
+    w = w.to(torch.float64)[:, None].expand_as(on)
+    n = float((w * on).sum())
     if n == 0:
         return 0.0
-    return ((token_adv.abs() < tol) & on).sum().item() / n
+    return float((w * ((token_adv.abs() < tol) & on)).sum()) / n

@@ -21,6 +21,12 @@ class Generation:
 
 
 @dataclass
+class PrefillStats:
+    computed: int  # prompt tokens run through the model in this call
+    saved: int = 0  # prompt tokens not recomputed because an identical prompt in the batch shared its KV cache
+
+
+@dataclass
 class SamplingParams:
     max_new_tokens: int = 48
     temperature: float = 1.0  # 0 = greedy
@@ -58,19 +64,30 @@ class HFPolicy:
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None = None
-    ) -> tuple[list[Generation], int]:
-        """Sample one continuation per prompt. Returns generations and the number of prefill tokens."""
+        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None = None,
+        reuse_prefix: bool = True,
+    ) -> tuple[list[Generation], PrefillStats]:
+        """Sample one continuation per prompt.
+
+        Identical prompts in the batch (the G chains of a prompt, the branches taken from one tree
+        node) are prefilled once and their KV cache rows are copied to every row that shares them;
+        `reuse_prefix=False` prefills every row (the reference the reuse is tested against)."""
         if not prompts:
-            return [], 0
+            return [], PrefillStats(0, 0)
         was_training = self.model.training
         self.model.eval()
         B = len(prompts)
         lens = [len(p) for p in prompts]
-        T = max(lens)
-        ids = torch.full((B, T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, T), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding keeps every row's next token at position -1
+        if reuse_prefix:
+            index: dict[tuple[int, ...], int] = {}
+            row_of = [index.setdefault(tuple(p), len(index)) for p in prompts]
+            unique = [list(k) for k in index]
+        else:
+            row_of, unique = list(range(B)), prompts
+        U, T = len(unique), max(lens)
+        ids = torch.full((U, T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((U, T), dtype=torch.long)
+        for i, p in enumerate(unique):  # left padding keeps every row's next token at position -1
             ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, T - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
@@ -78,7 +95,13 @@ class HFPolicy:
         cache = DynamicCache()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1, :].float()
+        if U < B:  # copy each shared prefix's cache row to all the rows that continue from it
+            rows = torch.tensor(row_of, device=self.device)
+            cache.batch_select_indices(rows)
+            logits, mask, pos = logits[rows], mask[rows], pos[rows]
         next_pos = pos[:, -1] + 1
+        computed = sum(len(p) for p in unique)
+        stats = PrefillStats(computed, sum(lens) - computed)
 
         gens = [Generation([], [], "length") for _ in range(B)]
         budget = [min(params.max_new_tokens, self.max_context - n) for n in lens]
@@ -111,7 +134,7 @@ class HFPolicy:
             next_pos = next_pos + 1
         if was_training:
             self.model.train()
-        return gens, int(sum(lens))
+        return gens, stats
 
     def _hit_stop(self, token_ids: list[int], stops: tuple[str, ...]) -> bool:
         tail = self.tokenizer.decode(token_ids[-self._stop_tail:], skip_special_tokens=False)
