@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tracerl-installed
 SEED   ?= 0
 
-.PHONY: setup run test test-fast clean-runs
+.PHONY: setup setup-browser run test test-fast clean-runs
 
 $(STAMP): pyproject.toml scripts/install_torch.sh
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -20,7 +20,18 @@ setup: $(STAMP)
 run: setup
 	$(VENV)/bin/tracerl train --overwrite run.seed=$(SEED)
 
-test: setup
+# Headless Chromium + its WebDriver for the report's browser test (Debian packages; installed
+# only when missing; sudo only when not root). If this fails the browser test fails, saying why.
+setup-browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  echo "installing chromium and chromium-driver with apt-get"; \
+	  { $$SUDO apt-get update -q && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } \
+	  || echo "warning: could not install chromium; the browser test will fail"; \
+	fi
+
+test: setup setup-browser
 	$(PY) -m pytest -n 2 --durations=15 tests
 
 test-fast: setup

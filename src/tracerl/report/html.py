@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tracerl.report.rundir import RunData, config_summary, read_run, series, with_cumulative_tokens
+from tracerl.report.trees import DEFAULT_PROMPTS, TREE_STYLE, tree_section
 from tracerl.runlog import as_float, format_number
 
 REPORT_FILE = "report.html"
@@ -48,6 +49,8 @@ esc = html.escape
 class Line:
     label: str
     points: list[tuple[float, float]]
+    band: list[tuple[float, float, float]] | None = None  # (x, low, high): a shaded range around the line
+    color: str | None = None  # default: the palette colour of the line's position
 
 
 @dataclass
@@ -77,8 +80,9 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
 def svg_chart(chart: Chart, width: int = 480, height: int = 290) -> str:
     left, right, top, bottom = 64, 16, 46, 46
     plot_w, plot_h = width - left - right, height - top - bottom
-    xs = [x for line in chart.lines for x, _ in line.points]
-    ys = [y for line in chart.lines for _, y in line.points]
+    bands = [b for line in chart.lines for b in line.band or []]
+    xs = [x for line in chart.lines for x, _ in line.points] + [x for x, _, _ in bands]
+    ys = [y for line in chart.lines for _, y in line.points] + [y for _, lo, hi in bands for y in (lo, hi)]
     x_ticks, y_ticks = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
     (x0, x1), (y0, y1) = (x_ticks[0], x_ticks[-1]), (y_ticks[0], y_ticks[-1])
 
@@ -95,7 +99,7 @@ def svg_chart(chart: Chart, width: int = 480, height: int = 290) -> str:
     ]
     legend_x = left
     for i, line in enumerate(chart.lines):
-        color = PALETTE[i % len(PALETTE)]
+        color = line.color or PALETTE[i % len(PALETTE)]
         out.append(f'<rect x="{legend_x}" y="28" width="10" height="10" fill="{color}"/>')
         out.append(f'<text x="{legend_x + 14}" y="37">{esc(line.label)}</text>')
         legend_x += 30 + 6.5 * len(line.label)
@@ -116,7 +120,11 @@ def svg_chart(chart: Chart, width: int = 480, height: int = 290) -> str:
     out.append(f'<text class="label" x="14" y="{top + plot_h / 2:.1f}" text-anchor="middle" '
                f'transform="rotate(-90 14 {top + plot_h / 2:.1f})">{esc(chart.y_label)}</text>')
     for i, line in enumerate(chart.lines):
-        color = PALETTE[i % len(PALETTE)]
+        color = line.color or PALETTE[i % len(PALETTE)]
+        if line.band and len(line.band) > 1:
+            edge = [(px(x), py(hi)) for x, _, hi in line.band] + [(px(x), py(lo)) for x, lo, _ in line.band[::-1]]
+            text = " ".join(f"{x:.1f},{y:.1f}" for x, y in edge)
+            out.append(f'<polygon class="band" fill="{color}" fill-opacity="0.16" stroke="none" points="{text}"/>')
         coords = [(px(x), py(y)) for x, y in line.points]
         if len(coords) <= 25:  # mark sparse lines (evaluations; a 1-point line is invisible)
             out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{color}"/>'
@@ -215,7 +223,9 @@ pre { background: #f7f7f7; padding: 12px; overflow-x: auto; font-size: 12px; }
 """
 
 
-def render_report(run: RunData) -> str:
+def render_report(run: RunData, tree_step: int | None = None, tree_prompts: int = DEFAULT_PROMPTS) -> str:
+    """The page; the tree view shows `tree_prompts` prompts of step `tree_step` (default: the
+    latest step with logged trees)."""
     summary = config_summary(run.config)
     last = run.metrics[-1] if run.metrics else {}
     steps = f"{len(run.metrics)} steps logged, last step {_cell(last.get('step'))}"
@@ -236,22 +246,29 @@ def render_report(run: RunData) -> str:
         parts.append(html_table(columns, [[r.get(c) for c in columns] for r in run.evals]))
     else:
         parts.append('<p class="note">No evaluation yet.</p>')
+    parts.append(tree_section(run.trees, tree_step, tree_prompts))
     parts += ["<h2>Config</h2>", f"<pre>{esc(run.config_text or '(no config.yaml)')}</pre>"]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{esc(run.name)} · tracerl report</title><style>{STYLE}</style></head>"
+        f"<title>{esc(run.name)} · tracerl report</title><style>{STYLE}{TREE_STYLE}</style></head>"
         "<body>\n" + "\n".join(parts) + "\n</body></html>\n"
     )
 
 
-def write_report(run_dir: str | os.PathLike) -> Path:
+def write_report(run_dir: str | os.PathLike, tree_step: int | None = None,
+                 tree_prompts: int = DEFAULT_PROMPTS) -> Path:
     """Write ``run_dir/report.html`` (atomically, so a browser never sees half a file)."""
     run = read_run(run_dir)
-    path = run.run_dir / REPORT_FILE
-    fd, tmp = tempfile.mkstemp(prefix=REPORT_FILE, suffix=".tmp", dir=run.run_dir)
+    return write_page(render_report(run, tree_step, tree_prompts), run.run_dir / REPORT_FILE)
+
+
+def write_page(page: str, path: str | os.PathLike) -> Path:
+    """Write one HTML page atomically (a temporary file beside it, then a rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(render_report(run))
+            f.write(page)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be shared
         os.replace(tmp, path)
     except BaseException:
