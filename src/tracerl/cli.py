@@ -5,6 +5,7 @@
     tracerl sft [--config ...]                      # tiny preset warm start (cached)
     tracerl eval runs/quickstart --split test       # run dir, checkpoint dir or model dir
     tracerl report runs/quickstart                  # writes runs/quickstart/report.html
+    tracerl compare runs/a runs/b --out cmp.html    # methods side by side, seeds pooled
 """
 
 from __future__ import annotations
@@ -118,7 +119,16 @@ def cmd_report(args) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "metrics.jsonl").is_file() and not (run_dir / "config.yaml").is_file():
         raise TracerlError(f"{run_dir} is not a run directory (no config.yaml or metrics.jsonl)")
-    print(f"report: {write_report(run_dir)}")
+    if args.tree_prompts < 0:
+        raise TracerlError(f"--tree-prompts must be >= 0, got {args.tree_prompts}")
+    print(f"report: {write_report(run_dir, args.tree_step, args.tree_prompts)}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from tracerl.report.compare import write_comparison
+
+    print(f"comparison: {write_comparison(args.run_dirs, args.out, args.label_key)}")
     return 0
 
 
@@ -152,7 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="write RUN_DIR/report.html")
     r.add_argument("run_dir")
+    r.add_argument("--tree-step", type=int, default=None,
+                   help="show the rollout trees logged at this step (default: the latest logged)")
+    r.add_argument("--tree-prompts", type=int, default=4, help="how many prompts' trees to draw (default 4)")
     r.set_defaults(fn=cmd_report)
+
+    c = sub.add_parser("compare", help="write one HTML page comparing runs, seeds of a method pooled")
+    c.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    c.add_argument("--out", required=True, metavar="FILE.html", help="where to write the page")
+    c.add_argument("--label-key", default=None, metavar="KEY[,KEY...]",
+                   help="config key(s) naming a run's method (default: rollout.allocator,algo.advantage)")
+    c.set_defaults(fn=cmd_compare)
     return p
 
 
