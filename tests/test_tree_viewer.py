@@ -69,7 +69,7 @@ def make_run(run_dir, trees, step=STEP):
 
 
 def small_trees():
-    return [branching_tree(0, 0), branching_tree(0, 1, ), chain_tree(1)]
+    return [branching_tree(0, 0), branching_tree(0, 1), chain_tree(1)]
 
 
 def node_groups(markup):
@@ -182,6 +182,7 @@ def browser(tmp_path):
                 "--force-color-profile=srgb", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
+    driver.set_page_load_timeout(30)
     try:
         yield driver
     finally:
