@@ -92,3 +92,50 @@ def test_grpo_invariants(items, rnd):
     perm_t = torch.tensor(perm)
     torch.testing.assert_close(grpo(rewards[perm_t], groups[perm_t]), adv[perm_t])
     torch.testing.assert_close(grpo(rewards, groups * 3 + 1000), adv)
+
+
+def _z(values, eps=1e-6):
+    import statistics
+
+    m, s = statistics.mean(values), statistics.stdev(values)
+    return [(v - m) / (s + eps) for v in values]
+
+
+def test_tree_grpo_is_intra_plus_inter_z_scores_by_hand():
+    from tracerl.algos.advantages import tree_grpo
+
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    trees = torch.tensor([0, 0, 0, 1, 1, 1])
+    prompt = torch.zeros(6, dtype=torch.long)
+    intra = _z([1, 0, 0]) + _z([1, 1, 0])
+    inter = _z([1, 0, 0, 1, 1, 0])
+    expected = torch.tensor([a + b for a, b in zip(intra, inter)])
+    torch.testing.assert_close(tree_grpo(r, prompt, tree_ids=trees), expected, atol=1e-6, rtol=0)
+    weighted = tree_grpo(r, prompt, tree_ids=trees, w_intra=0.5, w_inter=2.0)
+    torch.testing.assert_close(weighted, torch.tensor([0.5 * a + 2 * b for a, b in zip(intra, inter)]), atol=1e-6, rtol=0)
+    # an all-equal tree contributes 0 intra; a one-leaf tree 0 (or its raw reward with singleton="raw")
+    r2, t2 = torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0, 0, 1])
+    inter2 = _z([1, 1, 0])
+    torch.testing.assert_close(tree_grpo(r2, torch.zeros(3, dtype=torch.long), tree_ids=t2), torch.tensor(inter2),
+                               atol=1e-6, rtol=0)
+    raw = tree_grpo(r2, torch.zeros(3, dtype=torch.long), tree_ids=t2, singleton="raw")
+    torch.testing.assert_close(raw, torch.tensor([inter2[0], inter2[1], 0.0 + inter2[2]]), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="tree_ids"):
+        tree_grpo(r, prompt)
+
+
+def test_treepo_averages_z_scores_over_ancestor_subgroups_by_hand():
+    from tracerl.algos.advantages import treepo
+
+    # prompt P=0 with one tree: root T=10 holds leaves l1, l2 (below node X=11) and l3 (a root chain);
+    # l4 sits alone below node Y=12, a one-leaf sub-group that is skipped.
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    anc = [[0, 10, 11], [0, 10, 11], [0, 10], [0, 10, 12]]
+    zp = _z([1, 0, 0, 1])
+    zx = _z([1, 0])
+    expected = [(2 * zp[0] + zx[0]) / 3, (2 * zp[1] + zx[1]) / 3, zp[2], zp[3]]
+    torch.testing.assert_close(treepo(r, torch.zeros(4, dtype=torch.long), ancestors=anc), torch.tensor(expected),
+                               atol=1e-6, rtol=0)
+    # all-equal sub-groups give 0 but still count; no sub-group of two gives 0
+    out = treepo(torch.tensor([1.0, 1.0, 0.0]), torch.zeros(3, dtype=torch.long), ancestors=[[0, 5], [0, 5], [9]])
+    torch.testing.assert_close(out, torch.zeros(3), atol=0, rtol=0)

@@ -59,15 +59,24 @@ def test_cli_train_eval_report(tmp_path):
     assert p.returncode == 0 and (run / "report.html").stat().st_size > 1000
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    full, _ = train(None, [*TINY_RUN, f"run.dir={tmp_path / 'full'}"], log=lambda *_: None)
-    half, _ = train(None, [*TINY_RUN, f"run.dir={tmp_path / 'half'}", "trainer.steps=2"], log=lambda *_: None)
+TREE_RUN = ["rollout.allocator=tree_grpo", "algo.advantage=tree_grpo", "rollout.trees_per_prompt=2",
+            "rollout.expansions=2", "rollout.rounds=1", "rollout.leaves_per_tree=2", "trainer.tree_log_every=2"]
+
+
+@pytest.mark.parametrize("extra", [[], TREE_RUN], ids=["chains", "trees"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
+    full, _ = train(None, [*TINY_RUN, *extra, f"run.dir={tmp_path / 'full'}"], log=lambda *_: None)
+    half, _ = train(None, [*TINY_RUN, *extra, f"run.dir={tmp_path / 'half'}", "trainer.steps=2"], log=lambda *_: None)
     # a crash after step 2 would also leave rows of step 3: resume must drop them
     with open(half / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "reward_mean": 0.5}) + "\n")
     resumed, _ = train(None, ["trainer.steps=4"], resume=str(half), log=lambda *_: None)
     assert _rows(resumed, "metrics.jsonl") == _rows(full, "metrics.jsonl")
     assert _rows(resumed, "eval.jsonl") == _rows(full, "eval.jsonl")
+    if extra:  # the trees themselves (tokens, log-probs, rewards, advantages) are reproduced
+        assert (resumed / "trees" / "step_000004.jsonl").read_text() == (full / "trees" / "step_000004.jsonl").read_text()
+        rows = read_jsonl(full / "metrics.jsonl")
+        assert all(r["continuations"] == 2 * 2 * 2 and r["leaves"] == 2 * 2 * 2 for r in rows)
 
 
 def test_full_disk_on_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):

@@ -113,9 +113,10 @@ def _apply_turn(traj: Trajectory, tokenizer, env: Environment, gen_ids, gen_logp
         raise EnvironmentStepError(
             f"environment {env.name!r} raised {type(e).__name__}: {e} (task {traj.task.id}, turn {len(traj.turns) + 1})"
         ) from e
-    # span: [turn start, end of the sampled tokens, end of the observation tokens) in token_ids
+    # cut: generation hit the turn's token cap; span: [turn start, end of the sampled tokens, end of the
+    # observation tokens) in token_ids
     turn = {"text": turn_text, "action": res.info.get("action"), "format_error": res.info.get("format_error"),
-            "tool_call": bool(res.info.get("tool_call")), "observation": res.observation,
+            "tool_call": bool(res.info.get("tool_call")), "observation": res.observation, "cut": bool(truncated),
             "span": [start, len(traj.token_ids), len(traj.token_ids)]}
     traj.turns.append(turn)
     traj.turn_states.append(traj.state)
