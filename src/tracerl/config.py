@@ -110,6 +110,7 @@ class AlgoConfig(Section):
     kl_coef: float = Field(0.0, ge=0, description="Weight of the KL penalty to the frozen reference (0: no reference model).")
     kl_estimator: str = Field("k3", description="KL estimator (k1, k2, k3).")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
+    dedup_prefix: bool = Field(False, description="Train each shared tree node once (packed tree, tree attention mask) with the summed advantage of its leaves instead of one row per leaf (token-mean only).")
     skip_uniform_groups: bool = Field(True, description="Leave groups whose rewards are all equal out of the update (their advantage is 0).")
 
 
@@ -145,6 +146,9 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _tree_estimator_needs_trees(self) -> "Config":
+        if self.algo.dedup_prefix and self.algo.aggregation != "token-mean":
+            raise ValueError(f"algo.dedup_prefix=true supports algo.aggregation=token-mean only "
+                             f"(got {self.algo.aggregation})")
         if self.algo.advantage in TREE_ESTIMATORS and self.rollout.allocator == "uniform":
             raise ValueError(f"algo.advantage={self.algo.advantage} needs tree rollouts; "
                              "set rollout.allocator=tree_grpo (or use grpo / dr_grpo)")

@@ -31,6 +31,7 @@ from tracerl.config import Config, ConfigError, dump_config, load_config
 from tracerl.errors import CheckpointError, DataError, TracerlError
 from tracerl.evaluate import evaluate, summarize
 from tracerl.models.io import load_policy
+from tracerl.packing import PackedTree, batch_packed, pack_tree
 from tracerl.rollout import RolloutCost, RolloutEngine, Trajectory, leaf_trajectories
 from tracerl.tree import RolloutTree, mixed_anchors, write_jsonl
 from tracerl.runlog import Progress, RunLogger
@@ -192,6 +193,7 @@ class Trainer:
                 mb_loss = 0.0
                 for rows in mb.split(mbs):
                     n = int(attn[rows].sum(-1).max())  # trim this micro-batch's padding
+                    stats.setdefault("train_tokens", []).append(float(len(rows) * n))
                     with torch.autocast(device_type=torch.device(cfg.run.device).type, dtype=torch.bfloat16,
                                         enabled=cfg.trainer.bf16):
                         logits = self.model(input_ids=ids[rows, :n]).logits[:, :-1]
@@ -221,7 +223,108 @@ class Trainer:
                 stats.setdefault("grad_norm", []).append(gn.item())
                 self.optimizer.step()
         self.model.eval()
-        return {k: sum(v) / len(v) for k, v in stats.items()}
+        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        out["train_tokens"] = sum(stats.get("train_tokens", [0.0])) / cfg.trainer.ppo_epochs  # per pass
+        return out
+
+    # ---------------------------------------------------------------- packed trees (algo.dedup_prefix)
+    def _pack(self, trajs: list[Trajectory], adv: torch.Tensor) -> list[PackedTree]:
+        """One packed sequence per tree: every shared node once, with the summed advantage of its leaves."""
+        trees: dict[tuple[int, int], RolloutTree] = {}
+        leaf_adv: dict[tuple[int, int], dict[int, float]] = {}
+        for t, v in zip(trajs, adv.tolist()):
+            key = (t.tree.group, t.tree.index)
+            trees[key] = t.tree
+            leaf_adv.setdefault(key, {})[t.node] = v
+        return [pack_tree(trees[k], leaf_adv[k]) for k in sorted(leaf_adv)]
+
+    def _packed_chunks(self, packs: list[PackedTree]) -> list[list[int]]:
+        """Micro-batches of packed trees holding at most micro_batch_size leaves (at least one tree)."""
+        chunks: list[list[int]] = [[]]
+        leaves = 0
+        for i, p in enumerate(packs):
+            n = int(p.count.max()) if len(p.count) else 1  # leaves below the root = leaves of the tree
+            if chunks[-1] and leaves + n > self.cfg.trainer.micro_batch_size:
+                chunks.append([])
+                leaves = 0
+            chunks[-1].append(i)
+            leaves += n
+        return chunks
+
+    def _packed_logits(self, model, packs: list[PackedTree]) -> list[torch.Tensor]:
+        """Scoring logits (P, V) of each packed tree, at temperature T."""
+        ids, pos, mask = batch_packed(packs, self.policy.pad_id)
+        dev = self.cfg.run.device
+        with torch.autocast(device_type=torch.device(dev).type, dtype=torch.bfloat16, enabled=self.cfg.trainer.bf16):
+            logits = model(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask.to(dev)).logits
+        return [logits[i, p.src.to(dev)].float() / self.temperature for i, p in enumerate(packs)]
+
+    @torch.no_grad()
+    def _packed_logprobs(self, model, packs: list[PackedTree]) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for chunk in self._packed_chunks(packs):
+            sub = [packs[i] for i in chunk]
+            out += [token_logprobs(lg[None], p.tgt.to(lg.device)[None])[0] for lg, p in zip(self._packed_logits(model, sub), sub)]
+        return out
+
+    def update_packed(self, trajs: list[Trajectory], adv: torch.Tensor, step: int) -> dict[str, float]:
+        """The update of `update`, on packed trees: each shared node is run once and scored with the
+        summed advantage of its leaves (same gradient as one row per leaf at ratio 1, fewer tokens).
+        Token-mean aggregation over leaf tokens; KL and entropy weighted by leaves through the token."""
+        cfg, a = self.cfg, self.cfg.algo
+        pg_fn = POLICY_LOSSES.get(a.policy_loss)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr_at(step)
+        packs = self._pack(trajs, adv)
+        reuse_old = cfg.trainer.ppo_epochs == 1 and cfg.trainer.mini_batches == 1
+        old_logp = None if reuse_old else self._packed_logprobs(self.model, packs)
+        ref_logp = self._packed_logprobs(self.ref_model, packs) if self.ref_model is not None else None
+        stats: dict[str, list[float]] = {}
+        order = torch.arange(len(packs))
+        self.model.train()
+        for _ in range(cfg.trainer.ppo_epochs):
+            for mb in order.chunk(cfg.trainer.mini_batches):
+                mb_packs = [packs[i] for i in mb.tolist()]
+                denom = float(sum(p.leaf_tokens for p in mb_packs))
+                self.optimizer.zero_grad(set_to_none=True)
+                mb_loss = 0.0
+                for chunk in self._packed_chunks(mb_packs):
+                    sub = [mb_packs[i] for i in chunk]
+                    idx = [int(mb[i]) for i in chunk]
+                    stats.setdefault("train_tokens", []).append(float(len(sub) * max(len(p.input_ids) for p in sub)))
+                    loss = 0.0
+                    for j, (logits, p) in enumerate(zip(self._packed_logits(self.model, sub), sub)):
+                        dev = logits.device
+                        logp = token_logprobs(logits[None], p.tgt.to(dev)[None])
+                        ones = torch.ones_like(logp)
+                        old = logp.detach() if old_logp is None else old_logp[idx[j]][None]
+                        pg, pg_stats = pg_fn(logp, old, p.coef.to(dev)[None], ones, clip_low=a.clip_low,
+                                             clip_high=a.clip_high, dual_clip=a.dual_clip)
+                        loss = loss + (pg * ones).sum() / denom
+                        count = p.count.to(dev)[None]
+                        if ref_logp is not None:
+                            kl = KL_ESTIMATORS.get(a.kl_estimator)(logp, ref_logp[idx[j]][None])
+                            loss = loss + a.kl_coef * (kl * count).sum() / denom
+                            stats.setdefault("kl", []).append(((kl * count).sum() / count.sum()).item())
+                        if a.entropy_coef > 0:
+                            ent = entropy_from_logits(logits[None])
+                            loss = loss - a.entropy_coef * (ent * count).sum() / denom
+                            stats.setdefault("entropy", []).append(((ent * count).sum() / count.sum()).item())
+                        drift = ((logp.detach() - p.sample_logp.to(dev)[None]).abs() * count).sum() / count.sum()
+                        stats.setdefault("logp_drift", []).append(drift.item())
+                        for k, v in pg_stats.items():
+                            stats.setdefault(k, []).append(float(v))
+                    loss.backward()
+                    mb_loss += loss.item()
+                stats.setdefault("loss", []).append(mb_loss)
+                gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip)
+                stats.setdefault("grad_norm", []).append(gn.item())
+                self.optimizer.step()
+        self.model.eval()
+        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        out["train_tokens"] = sum(stats.get("train_tokens", [0.0])) / cfg.trainer.ppo_epochs
+        out["train_tokens_per_leaf"] = float(sum(p.leaf_sequence_tokens for p in packs))
+        return out
 
     @torch.no_grad()
     def _logprobs(self, model, ids, attn) -> torch.Tensor:
@@ -269,7 +372,8 @@ class Trainer:
             mixed = {int(g) for g in groups.unique() if rewards[groups == g].unique().numel() > 1}
             keep = [i for i, t in enumerate(trajs) if t.group in mixed]
         if keep:
-            metrics.update(self.update([trajs[i] for i in keep], adv[keep], step))
+            update = self.update_packed if a.dedup_prefix else self.update
+            metrics.update(update([trajs[i] for i in keep], adv[keep], step))
         every = self.cfg.trainer.tree_log_every
         if every and (step + 1) % every == 0:
             write_jsonl(trees, self.run_dir / "trees" / f"step_{step + 1:06d}.jsonl", {"step": step + 1})
