@@ -218,13 +218,19 @@ class Trainer:
                     stats.setdefault("logp_drift", []).append(drift.item())
                     for k, v in pg_stats.items():
                         stats.setdefault(k, []).append(float(v))
-                stats.setdefault("loss", []).append(mb_loss)
-                gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip)
-                stats.setdefault("grad_norm", []).append(gn.item())
-                self.optimizer.step()
+                self._step_optimizer(stats, mb_loss)
+        return self._finish_update(stats)
+
+    def _step_optimizer(self, stats: dict[str, list[float]], mb_loss: float) -> None:
+        stats.setdefault("loss", []).append(mb_loss)
+        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
+        stats.setdefault("grad_norm", []).append(gn.item())
+        self.optimizer.step()
+
+    def _finish_update(self, stats: dict[str, list[float]]) -> dict[str, float]:
         self.model.eval()
         out = {k: sum(v) / len(v) for k, v in stats.items()}
-        out["train_tokens"] = sum(stats.get("train_tokens", [0.0])) / cfg.trainer.ppo_epochs  # per pass
+        out["train_tokens"] = sum(stats.get("train_tokens", [0.0])) / self.cfg.trainer.ppo_epochs  # tokens per pass
         return out
 
     # ---------------------------------------------------------------- packed trees (algo.dedup_prefix)
@@ -316,13 +322,8 @@ class Trainer:
                             stats.setdefault(k, []).append(float(v))
                     loss.backward()
                     mb_loss += loss.item()
-                stats.setdefault("loss", []).append(mb_loss)
-                gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip)
-                stats.setdefault("grad_norm", []).append(gn.item())
-                self.optimizer.step()
-        self.model.eval()
-        out = {k: sum(v) / len(v) for k, v in stats.items()}
-        out["train_tokens"] = sum(stats.get("train_tokens", [0.0])) / cfg.trainer.ppo_epochs
+                self._step_optimizer(stats, mb_loss)
+        out = self._finish_update(stats)
         out["train_tokens_per_leaf"] = float(sum(p.leaf_sequence_tokens for p in packs))
         return out
 
