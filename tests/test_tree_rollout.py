@@ -139,3 +139,22 @@ def test_tree_shape_validation_and_matching():
     assert shape["expected_cost_chains"] == pytest.approx(m * (1 + n * l * 0.5))
     with pytest.raises(OptionError):
         match_tree_shape(8, 0.0)
+
+
+def test_calibrate_cli_measures_f_and_prints_equal_cost_overrides(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import TINY_RUN
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    p = subprocess.run([sys.executable, "-m", "tracerl.cli", "calibrate", "--steps", "1", "--json", *TINY_RUN],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["mean_chain_tokens"] > 0 and 0 < res["continuation_fraction"] < 2
+    assert res["token_budget"] == round(res["group_size"] * res["mean_chain_tokens"])
+    assert "overrides: rollout.allocator=tree_grpo" in p.stdout

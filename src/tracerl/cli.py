@@ -6,6 +6,7 @@
     tracerl eval runs/quickstart --split test       # run dir, checkpoint dir or model dir
     tracerl report runs/quickstart                  # writes runs/quickstart/report.html
     tracerl compare runs/a runs/b --out cmp.html    # methods side by side, seeds pooled
+    tracerl calibrate [--steps 3]                   # measured chain / continuation cost -> equal-cost tree sizes
 """
 
 from __future__ import annotations
@@ -132,6 +133,27 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from tracerl.allocate.calibrate import calibrate, overrides_for
+    from tracerl.config import load_config
+
+    _quiet_transformers()
+    if args.steps < 1:
+        raise TracerlError(f"--steps must be >= 1, got {args.steps}")
+    cfg = load_config(_config_path(args.config), args.overrides)
+    res = calibrate(cfg, args.steps)
+    print(f"chains: G = {res['group_size']}, {res['mean_chain_tokens']:.1f} generated tokens per chain "
+          f"-> {res['token_budget']} per prompt")
+    print(f"measured continuation fraction f = {res['continuation_fraction']:.3f}")
+    print(f"equal-cost Tree-GRPO: M={res['trees_per_prompt']} N={res['expansions']} L={res['rounds']} "
+          f"K={res['leaves_per_tree']} (expected {res['expected_cost_chains']:.2f} chain-equivalents, "
+          f"{res['leaves']} leaves per prompt)")
+    print("overrides: " + " ".join(overrides_for(res)))
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tracerl", description="RL of LLM agents with verifiable rewards.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -173,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--label-key", default=None, metavar="KEY[,KEY...]",
                    help="config key(s) naming a run's method (default: rollout.allocator,algo.advantage)")
     c.set_defaults(fn=cmd_compare)
+
+    k = sub.add_parser("calibrate", help="measure chain and continuation cost; print equal-cost tree sizes")
+    k.add_argument("--config")
+    k.add_argument("--steps", type=int, default=3, help="rollout batches to measure (no training)")
+    k.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    k.add_argument("overrides", nargs="*")
+    k.set_defaults(fn=cmd_calibrate)
     return p
 
 
