@@ -64,18 +64,18 @@ def tree_grpo(engine, tasks, cfg, rng: random.Random) -> list[RolloutTree]:
     N nodes per tree are drawn uniformly with replacement from the root and its non-leaf nodes and
     continued to the end; then K random leaves are kept per tree.
 
-    With `token_budget` set, rounds go on past L (up to `max_budget_waves` more) while a prompt has
-    budget left, and no leaf is pruned unless K is given."""
+    With `token_budget` set, rounds go on past L (up to `max_budget_waves` more) for each tree that
+    has not spent its share (budget / M) of the prompt's budget, and no leaf is pruned unless K is given."""
     m, n, l, k = cfg.trees_per_prompt, cfg.expansions, cfg.rounds, cfg.leaves_per_tree
     check_tree_shape(m, n, l, None if cfg.token_budget else k)
     trees = engine.plant(tasks, m)
     engine.grow([(t, 0) for t in trees])
     extra = cfg.max_budget_waves if cfg.token_budget else 0
     for r in range(l + extra):
-        used = _prompt_tokens(trees) if cfg.token_budget else None
         jobs = []
         for t in trees:
-            if used is not None and used[t.group] >= cfg.token_budget:
+            # with a budget, each of the M trees may spend its share of the prompt's budget
+            if cfg.token_budget and sum(len(x.gen_ids) for x in t.nodes.values()) >= cfg.token_budget / m:
                 continue
             anchors = t.anchors()  # candidates fixed at the start of the round
             if anchors:
