@@ -261,24 +261,22 @@ class RolloutEngine:
     def grow(self, jobs: list[tuple[RolloutTree, int]], continuation: bool = False) -> list[int]:
         """Run one trajectory per (tree, node) job to its end and hang it below the node.
 
-        Returns each job's new leaf id and its generated tokens (`self.last_gen_tokens`).
-        `continuation` marks expansions (counted for the measured continuation cost fraction)."""
+        Returns each job's new leaf id. `continuation` marks expansions (counted for the measured
+        continuation cost fraction f)."""
         # a deterministic order that puts branches of one node next to each other (one shared prefill)
         order = sorted(range(len(jobs)), key=lambda i: (jobs[i][0].group, jobs[i][0].index, jobs[i][1]))
         trajs = [restore(*jobs[i]) for i in order]
-        starts = [(len(t.turns), len(t.token_ids)) for t in trajs]
+        starts = [len(t.turns) for t in trajs]
         cost = run_turns(self.policy, self.env, trajs, self.params, self.generator, self.batch_size)
         cost.trajectories = len(jobs)
-        leaves, gen = [0] * len(jobs), [0] * len(jobs)
-        for i, t, (n_turns, n_tokens) in zip(order, trajs, starts):
+        leaves = [0] * len(jobs)
+        for i, t, n_turns in zip(order, trajs, starts):
             tree, node = jobs[i]
             leaves[i] = tree.attach(node, turn_records(t, n_turns), t.done, t.reward, t.info)
-            gen[i] = sum(t.loss_mask[n_tokens:])
         if continuation:
             cost.continuations = len(jobs)
             cost.continuation_gen_tokens = cost.gen_tokens
         self.cost.add(cost)
-        self.last_gen_tokens = gen
         return leaves
 
 
