@@ -1,0 +1,102 @@
+"""Benchmark: learning comparison of methods at equal generated-token budget, several seeds.
+
+Every run starts from the same quickstart SFT warm start (sft.seed 0, taken from the cache) and
+differs only in the method's overrides and run.seed. Each prompt gets the same generated-token
+budget per step (`rollout.token_budget`, default: 8 chains x the measured mean chain length of the
+SFT policy, see `tracerl calibrate`), so methods are compared at equal measured cost; the table also
+reports the cost each run really spent.
+
+    .venv/bin/python bench/learning_comparison.py --seeds 0 1 2 --parallel 2 --out-dir runs/compare
+    .venv/bin/python bench/learning_comparison.py --methods chains tree --seeds 0 -- trainer.steps=10
+
+Writes OUT_DIR/<method>-seed<S>/ run directories, OUT_DIR/compare.html (`tracerl compare`), and
+bench/results/learning_comparison.json; prints a markdown table (final validation EM mean ± std).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRACERL = str(REPO / ".venv" / "bin" / "tracerl")
+
+METHODS = {
+    "chains": ["rollout.allocator=uniform", "algo.advantage=grpo"],
+    "tree": ["rollout.allocator=tree_grpo", "algo.advantage=tree_grpo", "rollout.trees_per_prompt=2",
+             "rollout.expansions=2", "rollout.rounds=1"],
+    "tree-grpo-adv": ["rollout.allocator=tree_grpo", "algo.advantage=grpo", "rollout.trees_per_prompt=2",
+                      "rollout.expansions=2", "rollout.rounds=1"],
+    "tree-treepo": ["rollout.allocator=tree_grpo", "algo.advantage=treepo", "rollout.trees_per_prompt=2",
+                    "rollout.expansions=2", "rollout.rounds=1"],
+}
+
+
+def run(method: str, seed: int, budget: int, threads: int, out_dir: Path, extra: list[str]) -> dict:
+    run_dir = out_dir / f"{method}-seed{seed}"
+    cmd = [TRACERL, "train", "--overwrite", f"run.dir={run_dir}", f"run.seed={seed}", "sft.seed=0",
+           f"run.threads={threads}", "trainer.progress=false", f"rollout.token_budget={budget}",
+           *METHODS[method], *extra]
+    t0 = time.time()
+    with open(out_dir / f"{method}-seed{seed}.log", "w") as log:
+        subprocess.run(cmd, check=True, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.time() - t0
+    evals = [json.loads(x) for x in open(run_dir / "eval.jsonl")]
+    rows = [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
+    mean = lambda k: statistics.mean(r.get(k, 0.0) for r in rows)  # noqa: E731
+    return {"method": method, "seed": seed, "wall_s": round(wall, 1), "em_start": evals[0]["em"],
+            "em_final": evals[-1]["em"], "f1_final": evals[-1]["f1"],
+            "eval_curve": [(e["step"], e["em"]) for e in evals], "steps": rows[-1]["step"],
+            "cum_gen_tokens": rows[-1]["cum_gen_tokens"], "leaves_per_step": mean("leaves"),
+            "effective_ratio": mean("effective_ratio"), "mixed_anchors": mean("mixed_anchors"),
+            "prefill_saved_per_step": mean("prefill_saved"), "continuation_fraction": mean("continuation_fraction"),
+            "rollout_s_per_step": mean("rollout_s"), "update_s_per_step": mean("update_s"),
+            "train_reward_first10": statistics.mean(r["reward_mean"] for r in rows[:10]),
+            "train_reward_last10": statistics.mean(r["reward_mean"] for r in rows[-10:])}
+
+
+def fmt(xs: list[float], d: int = 3) -> str:
+    return f"{statistics.mean(xs):.{d}f} ± {statistics.stdev(xs):.{d}f}" if len(xs) > 1 else f"{xs[0]:.{d}f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", nargs="+", default=["chains", "tree"], choices=sorted(METHODS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--budget", type=int, default=352, help="generated tokens per prompt per step")
+    ap.add_argument("--parallel", type=int, default=1, help="runs at once (threads split between them)")
+    ap.add_argument("--out-dir", default="runs/compare")
+    ap.add_argument("--results", default=str(REPO / "bench" / "results" / "learning_comparison.json"))
+    ap.add_argument("overrides", nargs="*", help="extra config overrides for every run (after --)")
+    args = ap.parse_args()
+    out_dir = Path(args.out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 2) // args.parallel)
+    jobs = [(m, s) for s in args.seeds for m in args.methods]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        results = list(pool.map(lambda j: run(j[0], j[1], args.budget, threads, out_dir, args.overrides), jobs))
+    Path(args.results).write_text(json.dumps({"budget": args.budget, "overrides": args.overrides,
+                                              "parallel": args.parallel, "runs": results}, indent=1))
+    subprocess.run([TRACERL, "compare", *[str(out_dir / f"{m}-seed{s}") for m, s in jobs],
+                    "--out", str(out_dir / "compare.html")], check=True, cwd=REPO)
+    print("| method | seeds | val EM start | val EM final | F1 final | gen tokens (cum) | leaves/step | "
+          "effective ratio | mixed anchors/step | rollout s/step | update s/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for m in args.methods:
+        rs = [r for r in results if r["method"] == m]
+        print(f"| {m} | {len(rs)} | {fmt([r['em_start'] for r in rs])} | {fmt([r['em_final'] for r in rs])} | "
+              f"{fmt([r['f1_final'] for r in rs])} | {fmt([r['cum_gen_tokens'] for r in rs], 0)} | "
+              f"{fmt([r['leaves_per_step'] for r in rs], 1)} | {fmt([r['effective_ratio'] for r in rs])} | "
+              f"{fmt([r['mixed_anchors'] for r in rs], 1)} | {fmt([r['rollout_s_per_step'] for r in rs], 2)} | "
+              f"{fmt([r['update_s_per_step'] for r in rs], 2)} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
