@@ -7,6 +7,7 @@
     tracerl report runs/quickstart                  # writes runs/quickstart/report.html
     tracerl compare runs/a runs/b --out cmp.html    # methods side by side, seeds pooled
     tracerl calibrate [--steps 3]                   # measured chain / continuation cost -> equal-cost tree sizes
+    tracerl sim --allocator all [--json]            # allocators at equal token budget on simulated prompts
 """
 
 from __future__ import annotations
@@ -154,6 +155,26 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_sim(args) -> int:
+    from dataclasses import fields
+
+    from rich.console import Console
+
+    from tracerl.sim import SimConfig, simulate, summary_table
+
+    options = {f.name: getattr(args, f.name) for f in fields(SimConfig) if hasattr(args, f.name)}
+    cfg = SimConfig(**options)  # options the command does not expose keep their SimConfig defaults
+    if args.seeds < 1 or args.batches < 1:
+        raise TracerlError(f"--seeds and --batches must be >= 1, got {args.seeds} and {args.batches}")
+    result = simulate(cfg, args.allocator, seed=args.seed, seeds=args.seeds, batches=args.batches)
+    console = Console()
+    # a pipe or file gets the full table rather than rich's 80-column fallback
+    (console if console.is_terminal else Console(width=150)).print(summary_table(result))
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tracerl", description="RL of LLM agents with verifiable rewards.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -202,6 +223,33 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     k.add_argument("overrides", nargs="*")
     k.set_defaults(fn=cmd_calibrate)
+
+    m = sub.add_parser("sim", help="compare allocators at equal token budget on simulated prompts (no model)")
+    m.add_argument("--allocator", default="all",
+                   help="uniform, tree_grpo, dapo, pcl, knapsack, trace, or all (default: all, side by side)")
+    m.add_argument("--prompts", type=int, default=64, help="B: prompts per batch (default 64)")
+    m.add_argument("--difficulty", default="beta:0.5,0.5", help="v0 distribution: beta:A,B, uniform or point:V")
+    m.add_argument("--turns", type=int, default=3, help="T: turns of a full trajectory (default 3)")
+    m.add_argument("--turn-tokens", default="20-60", help="tokens of one turn: LO-HI or N (default 20-60)")
+    m.add_argument("--turn-strength", type=float, default=0.3,
+                   help="share of the remaining outcome variance one turn resolves, 0..1 (default 0.3)")
+    m.add_argument("--early-stop", type=float, default=0.0, help="chance a trajectory ends after a turn (default 0)")
+    m.add_argument("--group-size", "-G", type=int, default=8, help="G: chains per prompt (default 8)")
+    m.add_argument("--trees", "-M", type=int, default=2, help="M: Tree-GRPO trees per prompt (default 2)")
+    m.add_argument("--expansions", "-N", type=int, default=2,
+                   help="N: continuations per seed chain per round (tree_grpo) or per bare rollout (trace)")
+    m.add_argument("--pool-factor", type=int, default=4, help="PCL scores pool-factor x B prompts (default 4)")
+    m.add_argument("--predictor-noise", type=float, default=0.5, help="sigma on the predicted logit (default 0.5)")
+    m.add_argument("--oracle", action="store_true", help="the predictor returns the true success probability")
+    m.add_argument("--budget", type=int, default=0,
+                   help="generated tokens per batch (default: G chains for each of B prompts, in expectation)")
+    m.add_argument("--explore", type=float, default=0.1, help="TRACE exploration share of root rollouts (default 0.1)")
+    m.add_argument("--root-solver", default="dp", choices=("dp", "greedy"), help="TRACE Stage 1 solver")
+    m.add_argument("--batches", type=int, default=10, help="batches per seed (default 10)")
+    m.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    m.add_argument("--seeds", type=int, default=1, help="number of seeds, from --seed on (default 1)")
+    m.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    m.set_defaults(fn=cmd_sim)
     return p
 
 
