@@ -16,7 +16,9 @@ and rollout engine. Methods:
 Per method: generated tokens, leaves, effective ratio (share of prompts whose leaves hold both a
 success and a failure), mixed anchors (root or inner nodes with >= 2 leaves and both outcomes
 below) per prompt and per 1k generated tokens, prefill tokens computed / saved by KV-prefix reuse,
-and wall seconds per step (median and min over the steps).
+and wall seconds per step. The metrics come from one pass over the steps; the seconds from a separate
+timing pass that re-runs the first --time-steps steps of every method, interleaved, --repeats times
+(identical work each time: same seeds), and reports the median and min.
 
     .venv/bin/python bench/tree_vs_chains.py                    # 10 steps x 8 prompts
     .venv/bin/python bench/tree_vs_chains.py --steps 3 --json   # quicker; extra args are config overrides
@@ -63,13 +65,17 @@ def run_method(trainer: Trainer, steps: list[int], log) -> dict:
         rewards = torch.tensor([t.reward for t in leaves], dtype=torch.float32)
         groups = torch.tensor([t.group for t in leaves], dtype=torch.long)
         prompts = len({t.group for t in trees})
+        outcomes: dict[int, set[bool]] = {}
+        for t in leaves:
+            outcomes.setdefault(t.group, set()).add(t.reward > 0)
         rows.append({"step": step, "prompts": prompts, "wall_s": wall, "gen_tokens": cost.gen_tokens,
                      "prefill_tokens": cost.prefill_tokens, "prefill_saved": cost.prefill_saved,
                      "trajectories": cost.trajectories, "continuations": cost.continuations,
                      "continuation_gen_tokens": cost.continuation_gen_tokens, "tool_calls": cost.tool_calls,
                      "leaves": len(leaves), "mixed_anchors": mixed_anchors(trees),
                      "effective_ratio": effective_ratio(rewards, groups),
-                     "reward_mean": float(rewards.mean()) if len(leaves) else 0.0})
+                     "reward_mean": float(rewards.mean()) if len(leaves) else 0.0,
+                     "mixed_prompts": sorted(g for g, o in outcomes.items() if len(o) == 2)})
         log(f"  step {step}: {wall:.1f} s, {cost.gen_tokens} gen tokens, {len(leaves)} leaves, "
             f"eff {rows[-1]['effective_ratio']:.2f}, mixed anchors {rows[-1]['mixed_anchors']}")
     n_prompts = sum(r["prompts"] for r in rows)
@@ -97,10 +103,18 @@ def run_method(trainer: Trainer, steps: list[int], log) -> dict:
     }
 
 
+def paired(method: dict, ref: dict) -> dict:
+    """Prompt by prompt (the same prompts in both): how many have mixed outcomes in one method only."""
+    mine = {(r["step"], g) for r in method["steps"] for g in r["mixed_prompts"]}
+    theirs = {(r["step"], g) for r in ref["steps"] for g in r["mixed_prompts"]}
+    return {"mixed_in_both": len(mine & theirs), "mixed_only_here": len(mine - theirs),
+            "mixed_only_in_chains": len(theirs - mine)}
+
+
 def table(methods: dict[str, dict]) -> str:
     head = ("| method | rollout shape | gen tokens / prompt | leaves / prompt | effective ratio | "
             "mixed anchors / prompt | mixed anchors / 1k gen tokens | prefill computed / prompt | "
-            "prefill saved / prompt | wall s / step (median, min) |")
+            "prefill saved / prompt | wall s / step (median, min of repeats) |")
     lines = [head, "|" + "---|" * 10]
     for name, m in methods.items():
         r = m["rollout"]
@@ -114,8 +128,8 @@ def table(methods: dict[str, dict]) -> str:
         lines.append(f"| {name} | {shape} | {m['gen_tokens_per_prompt']:.0f} | {m['leaves_per_prompt']:.2f} | "
                      f"{m['effective_ratio']:.3f} | {m['mixed_anchors_per_prompt']:.2f} | "
                      f"{m['mixed_anchors_per_1k_gen_tokens']:.3f} | {m['prefill_tokens_per_prompt']:.0f} | "
-                     f"{m['prefill_saved_per_prompt']:.0f} | {m['wall_s_per_step_median']:.2f}, "
-                     f"{m['wall_s_per_step_min']:.2f} |")
+                     f"{m['prefill_saved_per_prompt']:.0f} | {m['timing']['median_s_per_step']:.2f}, "
+                     f"{m['timing']['min_s_per_step']:.2f} |")
     return "\n".join(lines)
 
 
@@ -128,6 +142,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=None, help="per-prompt token budget of the equal-budget runs "
                     "(default: the chains' measured generated tokens per prompt)")
     ap.add_argument("--no-budget", action="store_true", help="skip the equal-budget runs")
+    ap.add_argument("--repeats", type=int, default=5, help="timing pass: interleaved repeats per method")
+    ap.add_argument("--time-steps", type=int, default=2, help="timing pass: the first this many steps, re-run each repeat")
     ap.add_argument("--json", action="store_true", help="print the result as JSON instead of tables")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "tree_vs_chains.json"))
     ap.add_argument("overrides", nargs="*", help="config overrides (section.key=value), applied to the default config")
@@ -144,6 +160,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads")
     steps = list(range(args.steps))
     methods: dict[str, dict] = {}
+    updates: dict[str, dict] = {}  # each method's rollout settings, replayed by the timing pass
     try:
         log(f"calibration: tree_grpo M=2 N=2 L=1 on steps {args.calib_start}..{args.calib_start + args.calib_steps - 1}")
         set_rollout(trainer, allocator="tree_grpo", trees_per_prompt=2, expansions=2, rounds=1, leaves_per_tree=None,
@@ -153,23 +170,39 @@ def main() -> None:
         shape = match_tree_shape(args.group_size, f)
         log(f"measured f = {f:.3f} -> tree shape {shape}")
 
-        log(f"chains: uniform G={args.group_size}")
-        set_rollout(trainer, allocator="uniform", token_budget=None)
-        methods["chains"] = run_method(trainer, steps, log)
-        log("tree: tree_grpo matched shape")
-        set_rollout(trainer, allocator="tree_grpo", trees_per_prompt=shape["trees_per_prompt"],
-                    expansions=shape["expansions"], rounds=shape["rounds"], leaves_per_tree=shape["leaves_per_tree"],
-                    token_budget=None)
-        methods["tree"] = run_method(trainer, steps, log)
+        tree_shape = {k: shape[k] for k in ("trees_per_prompt", "expansions", "rounds", "leaves_per_tree")}
+        updates["chains"] = {"allocator": "uniform", "token_budget": None}
+        updates["tree"] = {"allocator": "tree_grpo", **tree_shape, "token_budget": None}
         budget = None
-        if not args.no_budget:
-            budget = args.budget or round(methods["chains"]["gen_tokens_per_prompt"])
-            log(f"chains+budget: uniform, token_budget={budget}")
-            set_rollout(trainer, allocator="uniform", token_budget=budget)
-            methods["chains+budget"] = run_method(trainer, steps, log)
-            log(f"tree+budget: tree_grpo matched shape, all leaves kept, token_budget={budget}")
-            set_rollout(trainer, allocator="tree_grpo", leaves_per_tree=None, token_budget=budget)
-            methods["tree+budget"] = run_method(trainer, steps, log)
+        for name, update in list(updates.items()) + [("chains+budget", None), ("tree+budget", None)]:
+            if update is None:  # the equal-budget runs: their budget is the chains' measured cost
+                if args.no_budget:
+                    continue
+                budget = args.budget or round(methods["chains"]["gen_tokens_per_prompt"])
+                base = updates[name.removesuffix("+budget")]
+                update = updates[name] = {**base, "token_budget": budget,
+                                          **({"leaves_per_tree": None} if base["allocator"] == "tree_grpo" else {})}
+            log(f"{name}: {update}")
+            set_rollout(trainer, **update)
+            methods[name] = run_method(trainer, steps, log)
+        for name in methods:
+            if name != "chains":
+                methods[name]["paired_vs_chains"] = paired(methods[name], methods["chains"])
+
+        time_steps = steps[: args.time_steps]
+        log(f"timing: {args.repeats} interleaved repeats of steps {time_steps} per method")
+        times: dict[str, list[float]] = {name: [] for name in methods}
+        for _ in range(args.repeats):
+            for name in methods:
+                set_rollout(trainer, **updates[name])
+                t0 = time.perf_counter()
+                for step in time_steps:
+                    trainer.rollout(step)
+                times[name].append((time.perf_counter() - t0) / len(time_steps))
+        for name, ts in times.items():
+            methods[name]["timing"] = {"steps": time_steps, "repeats_s_per_step": ts,
+                                       "median_s_per_step": statistics.median(ts), "min_s_per_step": min(ts)}
+            log(f"  {name}: median {statistics.median(ts):.2f} s/step, min {min(ts):.2f}")
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -189,6 +222,11 @@ def main() -> None:
           f"N={shape['expansions']} L={shape['rounds']} K={shape['leaves_per_tree']}, expected cost "
           f"{shape['expected_cost_chains']:.2f} chains for {shape['leaves']} leaves")
     print(table(methods))
+    for name, m in methods.items():
+        if "paired_vs_chains" in m:
+            p = m["paired_vs_chains"]
+            print(f"{name} vs chains, prompt by prompt: mixed in both {p['mixed_in_both']}, only {name} "
+                  f"{p['mixed_only_here']}, only chains {p['mixed_only_in_chains']} (of {m['prompts']})")
     print(f"results: {args.out} ({result['wall_s']} s)")
 
 
