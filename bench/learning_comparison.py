@@ -39,18 +39,28 @@ METHODS = {
 }
 
 
+def command(method: str, seed: int, budget: int, threads: int, out_dir: Path, extra: list[str]) -> list[str]:
+    return [TRACERL, "train", "--overwrite", f"run.dir={out_dir / f'{method}-seed{seed}'}", f"run.seed={seed}",
+            "sft.seed=0", f"run.threads={threads}", "trainer.progress=false", f"rollout.token_budget={budget}",
+            *METHODS[method], *extra]
+
+
 def run(method: str, seed: int, budget: int, threads: int, out_dir: Path, extra: list[str]) -> dict:
-    run_dir = out_dir / f"{method}-seed{seed}"
-    cmd = [TRACERL, "train", "--overwrite", f"run.dir={run_dir}", f"run.seed={seed}", "sft.seed=0",
-           f"run.threads={threads}", "trainer.progress=false", f"rollout.token_budget={budget}",
-           *METHODS[method], *extra]
     t0 = time.time()
     with open(out_dir / f"{method}-seed{seed}.log", "w") as log:
-        subprocess.run(cmd, check=True, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    wall = time.time() - t0
+        subprocess.run(command(method, seed, budget, threads, out_dir, extra), check=True, cwd=REPO, stdout=log,
+                       stderr=subprocess.STDOUT)
+    return collect(method, seed, out_dir, time.time() - t0)
+
+
+def collect(method: str, seed: int, out_dir: Path, wall: float | None = None) -> dict:
+    """The summary of a finished run directory (wall time from its own step timings if not measured)."""
+    run_dir = out_dir / f"{method}-seed{seed}"
     evals = [json.loads(x) for x in open(run_dir / "eval.jsonl")]
     rows = [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
     mean = lambda k: statistics.mean(r.get(k, 0.0) for r in rows)  # noqa: E731
+    if wall is None:
+        wall = sum(r["rollout_s"] + r["update_s"] for r in rows)
     return {"method": method, "seed": seed, "wall_s": round(wall, 1), "em_start": evals[0]["em"],
             "em_final": evals[-1]["em"], "f1_final": evals[-1]["f1"],
             "eval_curve": [(e["step"], e["em"]) for e in evals], "steps": rows[-1]["step"],
@@ -74,14 +84,19 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=1, help="runs at once (threads split between them)")
     ap.add_argument("--out-dir", default="runs/compare")
     ap.add_argument("--results", default=str(REPO / "bench" / "results" / "learning_comparison.json"))
+    ap.add_argument("--collect", action="store_true",
+                    help="do not train: summarise the finished run directories under --out-dir")
     ap.add_argument("overrides", nargs="*", help="extra config overrides for every run (after --)")
     args = ap.parse_args()
     out_dir = Path(args.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 2) // args.parallel)
     jobs = [(m, s) for s in args.seeds for m in args.methods]
-    with ThreadPoolExecutor(args.parallel) as pool:
-        results = list(pool.map(lambda j: run(j[0], j[1], args.budget, threads, out_dir, args.overrides), jobs))
+    if args.collect:
+        results = [collect(m, s, out_dir) for m, s in jobs]
+    else:
+        with ThreadPoolExecutor(args.parallel) as pool:
+            results = list(pool.map(lambda j: run(j[0], j[1], args.budget, threads, out_dir, args.overrides), jobs))
     Path(args.results).write_text(json.dumps({"budget": args.budget, "overrides": args.overrides,
                                               "parallel": args.parallel, "runs": results}, indent=1))
     subprocess.run([TRACERL, "compare", *[str(out_dir / f"{m}-seed{s}") for m, s in jobs],
