@@ -5,6 +5,7 @@ import torch
 
 from conftest import SMALL_WORLD
 from tracerl.config import load_config
+from tracerl.rollout import leaf_trajectories
 from tracerl.train import Trainer
 
 
@@ -20,8 +21,9 @@ def test_smollm2_rollout_and_training_step(tmp_path):
     tr = Trainer(cfg, log=lambda *_: None)
     tr.setup()
     assert tr.tokenizer.chat_template  # prompts go through SmolLM2's own chat template
-    trajs, cost = tr.rollout(0)
-    assert len(trajs) == 2 and all(t.done for t in trajs) and cost.gen_tokens > 0
+    trees, cost = tr.rollout(0)
+    trajs = leaf_trajectories(trees)
+    assert len(trees) == 1 and len(trajs) == 2 and all(t.done for t in trajs) and cost.gen_tokens > 0
     for t in trajs:
         assert 1 <= t.num_turns <= 2 and t.reward in (0.0, 1.0)
         assert "<|im_start|>assistant" in tr.tokenizer.decode(t.token_ids[: t.prompt_len])
