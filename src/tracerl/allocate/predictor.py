@@ -307,11 +307,10 @@ class SuccessPredictor:
         """(tensors for safetensors, JSON-able metadata) holding everything `observe` and `predict` use."""
         tensors = {f"head.{k}": v.detach().clone().contiguous() for k, v in self.head.state_dict().items()}
         opt_t, opt_meta = optimizer_tensors(self.optimizer)
-        tensors.update({f"opt.{k}": v for k, v in opt_t.items()})
+        tensors.update({f"opt.{k}": v.clone() for k, v in opt_t.items()})  # never alias the live state
         tensors.update({"moments.mean": self.moments.mean.clone(), "moments.m2": self.moments.m2.clone()})
         for i, (_, x, y, w) in enumerate(self.buffer):
-            tensors.update({f"buffer.{i}.x": x.contiguous(), f"buffer.{i}.y": y.contiguous(),
-                            f"buffer.{i}.w": w.contiguous()})
+            tensors.update({f"buffer.{i}.x": x.clone(), f"buffer.{i}.y": y.clone(), f"buffer.{i}.w": w.clone()})
         meta = {"trained_steps": self.trained_steps, "moments_count": self.moments.count, "optimizer": opt_meta,
                 "buffer_steps": [b[0] for b in self.buffer], "dim": self.dim}
         return tensors, meta
