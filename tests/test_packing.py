@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tracerl.algos.losses import ppo_clip, token_logprobs
-from tracerl.allocate import ALLOCATORS
+from tracerl.allocate import ALLOCATORS, AllocationContext
 from tracerl.backends.hf import SamplingParams
 from tracerl.config import RolloutConfig
 from tracerl.packing import batch_packed, pack_tree
@@ -19,7 +19,7 @@ from tracerl.train import pad_batch
 def _trees(policy, env):
     eng = RolloutEngine(policy, env, SamplingParams(max_new_tokens=12), torch.Generator().manual_seed(5))
     cfg = RolloutConfig(allocator="tree_grpo", trees_per_prompt=2, expansions=2, rounds=2)
-    trees = ALLOCATORS.get("tree_grpo")(eng, env.tasks("train")[:2], cfg, random.Random(1))
+    trees = ALLOCATORS.get("tree_grpo")(AllocationContext(eng, cfg, random.Random(1)), env.tasks("train")[:2])
     for t in trees:
         t.update_stats()
     return trees

@@ -17,7 +17,7 @@ from tracerl.runlog import read_jsonl
 from tracerl.train import Trainer, train
 from tracerl.config import load_config
 
-TIMING = {"rollout_s", "update_s"}
+TIMING = {"rollout_s", "update_s", "predictor_s"}
 
 
 def _rows(run_dir: Path, name: str):
@@ -63,7 +63,13 @@ TREE_RUN = ["rollout.allocator=tree_grpo", "algo.advantage=tree_grpo", "rollout.
             "rollout.expansions=1", "rollout.rounds=1", "rollout.leaves_per_tree=2", "trainer.tree_log_every=2"]
 
 
-@pytest.mark.parametrize("extra", [[], TREE_RUN], ids=["chains", "trees"])
+# TRACE with the predictor warm from step 2 on: exercises the pool scoring pass, Stage 1 DP, Stage 2
+# on predicted prefix values, and the predictor state (head, optimizer, moments, buffer) in checkpoints
+TRACE_RUN = ["rollout.allocator=trace", "algo.advantage=tree_grpo", "predictor.warmup=1", "predictor.hidden=16",
+             "alloc.epsilon=0.5", "trainer.tree_log_every=2"]
+
+
+@pytest.mark.parametrize("extra", [[], TREE_RUN, TRACE_RUN], ids=["chains", "trees", "trace"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
     full, _ = train(None, [*TINY_RUN, *extra, f"run.dir={tmp_path / 'full'}"], log=lambda *_: None)
     half, _ = train(None, [*TINY_RUN, *extra, f"run.dir={tmp_path / 'half'}", "trainer.steps=2"], log=lambda *_: None)
@@ -76,7 +82,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
     if extra:  # the trees themselves (tokens, log-probs, rewards, advantages) are reproduced
         assert (resumed / "trees" / "step_000004.jsonl").read_text() == (full / "trees" / "step_000004.jsonl").read_text()
         rows = read_jsonl(full / "metrics.jsonl")
+    if extra is TREE_RUN:
         assert all(r["continuations"] == 2 * 2 * 1 and r["leaves"] == 2 * 2 * 2 for r in rows)
+    if extra is TRACE_RUN:  # M = 8 / (1 + 2·0.5) = 4 bare rollouts over a pool of 4, 2 continuations each
+        assert [r["predictor_warm"] for r in rows] == [0, 1, 1, 1]
+        assert all(r["pool_size"] == 4 and r["root_rollouts"] + r["continuations"] == 12 for r in rows)
+        assert all(k in rows[-1] for k in ("predictor_loss", "predictor_brier", "predictor_ece", "prompts_used"))
 
 
 def test_full_disk_on_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):

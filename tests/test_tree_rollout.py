@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from tracerl.allocate import ALLOCATORS, check_tree_shape, match_tree_shape
+from tracerl.allocate import ALLOCATORS, AllocationContext, check_tree_shape, match_tree_shape
 from tracerl.backends.hf import SamplingParams
 from tracerl.config import ConfigError, RolloutConfig, load_config
 from tracerl.errors import OptionError
@@ -91,7 +91,7 @@ def test_cost_counters_match_the_trees(tiny_policy, small_env):
     cfg = RolloutConfig(allocator="tree_grpo", trees_per_prompt=2, expansions=3, rounds=2)
     tasks = small_env.tasks("train")[:3]
     eng = _engine(tiny_policy, small_env, seed=2)
-    trees = ALLOCATORS.get("tree_grpo")(eng, tasks, cfg, random.Random(0))
+    trees = ALLOCATORS.get("tree_grpo")(AllocationContext(eng, cfg, random.Random(0)), tasks)
     c = eng.cost
     nodes = [n for t in trees for n in t.nodes.values()]
     assert len(trees) == 6 and all(len(t.leaf_ids()) == 1 + 3 * 2 for t in trees)  # K = None keeps all
@@ -103,12 +103,12 @@ def test_cost_counters_match_the_trees(tiny_policy, small_env):
 
 def test_uniform_allocator_is_g_chains_and_k_prunes_trees(tiny_policy, small_env):
     tasks = small_env.tasks("train")[:2]
-    trees = ALLOCATORS.get("uniform")(_engine(tiny_policy, small_env), tasks, RolloutConfig(group_size=5),
-                                      random.Random(0))
+    trees = ALLOCATORS.get("uniform")(AllocationContext(_engine(tiny_policy, small_env), RolloutConfig(group_size=5),
+                                                        random.Random(0)), tasks)
     assert len(trees) == 2 and all(len(t.root.children) == 5 and len(t.leaf_ids()) == 5 for t in trees)
     cfg = RolloutConfig(allocator="tree_grpo", trees_per_prompt=3, expansions=2, rounds=2, leaves_per_tree=2)
     eng = _engine(tiny_policy, small_env)
-    trees = ALLOCATORS.get("tree_grpo")(eng, tasks, cfg, random.Random(0))
+    trees = ALLOCATORS.get("tree_grpo")(AllocationContext(eng, cfg, random.Random(0)), tasks)
     assert len(trees) == 6 and all(len(t.leaf_ids()) == 2 for t in trees)
     assert eng.cost.trajectories == 6 * 5  # pruned leaves are still charged
 
@@ -117,7 +117,8 @@ def test_token_budget_spends_each_prompts_budget(tiny_policy, small_env):
     tasks = small_env.tasks("train")[:3]
     for cfg in (RolloutConfig(group_size=2, token_budget=150),
                 RolloutConfig(allocator="tree_grpo", trees_per_prompt=1, expansions=1, rounds=1, token_budget=150)):
-        trees = ALLOCATORS.get(cfg.allocator)(_engine(tiny_policy, small_env), tasks, cfg, random.Random(0))
+        trees = ALLOCATORS.get(cfg.allocator)(AllocationContext(_engine(tiny_policy, small_env), cfg, random.Random(0)),
+                                              tasks)
         for g in range(3):
             spent = sum(len(n.gen_ids) for t in trees if t.group == g for n in t.nodes.values())
             n_leaves = sum(len(t.leaf_ids()) for t in trees if t.group == g)

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,7 +21,7 @@ from tracerl.errors import CheckpointError
 STATE_FILE = "trainer_state.json"
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
@@ -33,7 +33,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
         idx, name = key.split(".", 1)
@@ -59,8 +59,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, optimizer, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoints/step_XXXXXX atomically and prune old ones; returns the final path."""
+def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, optimizer, state: dict[str, Any], keep: int = 2,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoints/step_XXXXXX atomically and prune old ones; returns the final path.
+    `extra(dir)` writes further files into the checkpoint before it is renamed into place."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:06d}"
     tmp = ckpt_root / f".tmp_step_{step:06d}"
@@ -69,9 +71,11 @@ def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, optimizer, sta
         tmp.mkdir()
         model.save_pretrained(tmp / "model")  # safetensors
         tokenizer.save_pretrained(tmp / "model")
-        tensors, meta = _optimizer_tensors(optimizer)
+        tensors, meta = optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(meta))
+        if extra is not None:
+            extra(tmp)
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "rng": rng_state()}, indent=1))
         for f in tmp.rglob("*"):
             if f.is_file():
@@ -106,4 +110,17 @@ def read_state(ckpt: Path) -> dict[str, Any]:
 def load_optimizer(ckpt: Path, optimizer) -> None:
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     meta = json.loads((ckpt / "optimizer.json").read_text())
-    _load_optimizer(optimizer, tensors, meta)
+    load_optimizer_tensors(optimizer, tensors, meta)
+
+
+def save_tensors(directory: Path, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """NAME.safetensors + NAME.json in `directory` (e.g. the success predictor's state)."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(directory / f"{name}.safetensors"))
+    (directory / f"{name}.json").write_text(json.dumps(meta))
+
+
+def load_tensors(directory: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """What `save_tensors` wrote, or None if the checkpoint has no such files."""
+    if not (directory / f"{name}.safetensors").is_file():
+        return None
+    return load_file(str(directory / f"{name}.safetensors")), json.loads((directory / f"{name}.json").read_text())

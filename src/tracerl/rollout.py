@@ -57,6 +57,8 @@ class Trajectory:
     info: dict[str, Any] = field(default_factory=dict)  # final em, f1, truncated ...
     tree: RolloutTree | None = None  # the tree this leaf belongs to (tree rollouts)
     node: int = -1  # its leaf node id in that tree
+    # run_turns(capture_hidden=True): turns done -> last-layer hidden state at the prefix's last token
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_turns(self) -> int:
@@ -159,12 +161,15 @@ def turn_params(params: SamplingParams, env: Environment) -> SamplingParams:
 
 
 def run_turns(policy: HFPolicy, env: Environment, trajs: list[Trajectory], params: SamplingParams,
-              generator: torch.Generator | None = None, batch_size: int = 64) -> RolloutCost:
+              generator: torch.Generator | None = None, batch_size: int = 64,
+              capture_hidden: bool = False) -> RolloutCost:
     """Continue every unfinished trajectory to its end, all turns batched across trajectories.
 
     Trajectories may start anywhere: at their prompt, or at a restored prefix (a tree node), in which
     case the environment state they carry decides how many turns remain. Rows with identical token
-    prefixes in one generation call share their prefill (see `HFPolicy.generate`)."""
+    prefixes in one generation call share their prefill (see `HFPolicy.generate`). With
+    `capture_hidden`, each turn's prefill also leaves the prefix's last-layer hidden state in
+    `traj.hidden[turns done]` (no extra forward)."""
     tok = policy.tokenizer
     params = turn_params(params, env)
     cost = RolloutCost()
@@ -177,10 +182,15 @@ def run_turns(policy: HFPolicy, env: Environment, trajs: list[Trajectory], param
             break
         for start in range(0, len(active), batch_size):
             chunk = active[start:start + batch_size]
-            gens, prefill = policy.generate([t.token_ids for t in chunk], params, generator)
+            if capture_hidden:
+                gens, prefill = policy.generate([t.token_ids for t in chunk], params, generator, return_hidden=True)
+            else:
+                gens, prefill = policy.generate([t.token_ids for t in chunk], params, generator)
             cost.prefill_tokens += prefill.computed
             cost.prefill_saved += prefill.saved
             for t, gen in zip(chunk, gens):
+                if gen.prefix_hidden is not None:
+                    t.hidden[len(t.turns)] = gen.prefix_hidden
                 cost.gen_tokens += len(gen.token_ids)
                 text = policy.decode(gen.token_ids)
                 res = _apply_turn(t, tok, env, gen.token_ids, gen.logprobs, text, gen.stopped == "length",
@@ -242,21 +252,52 @@ class RolloutEngine:
     non-leaf node, batched across all jobs of a call, with measured cost (`self.cost`).
 
     Branches from the same node share their token prefix exactly, so the backend prefills it once
-    and copies its KV cache to each branch (`prefill_saved` counts what that avoided)."""
+    and copies its KV cache to each branch (`prefill_saved` counts what that avoided).
+
+    With `capture_hidden`, every node a generation starts from gets the policy's last-layer hidden
+    state at its last token in `tree.hidden[node id]` (features of the success predictor, taken from
+    the prefill the generation runs anyway; in memory only)."""
 
     def __init__(self, policy: HFPolicy, env: Environment, params: SamplingParams,
-                 generator: torch.Generator | None = None, chat_template: str = "auto", batch_size: int = 64):
+                 generator: torch.Generator | None = None, chat_template: str = "auto", batch_size: int = 64,
+                 capture_hidden: bool = False):
         self.policy, self.env, self.params = policy, env, params
         self.generator, self.chat_template, self.batch_size = generator, chat_template, batch_size
+        self.capture_hidden = capture_hidden
         self.cost = RolloutCost()
 
-    def plant(self, tasks: list[Task], trees_per_prompt: int = 1) -> list[RolloutTree]:
-        """Empty trees (roots only): `trees_per_prompt` per task, grouped by task."""
+    def plant(self, tasks: list[Task], trees_per_prompt: int | list[int] = 1, first_group: int = 0) -> list[RolloutTree]:
+        """Empty trees (roots only): `trees_per_prompt` per task (one count, or one per task), grouped
+        by task; task k gets group id `first_group + k` and tree indices 0, 1, ..."""
+        counts = trees_per_prompt if isinstance(trees_per_prompt, list) else [trees_per_prompt] * len(tasks)
         trees = []
-        for g, task in enumerate(tasks):
+        for g, (task, m) in enumerate(zip(tasks, counts)):
             prompt = encode_prompt(self.policy.tokenizer, self.env, task, self.chat_template)
-            trees += [RolloutTree(task, g, m, prompt, self.env.initial_state(task)) for m in range(trees_per_prompt)]
+            trees += [RolloutTree(task, first_group + g, j, prompt, self.env.initial_state(task)) for j in range(m)]
         return trees
+
+    def more_trees(self, like: RolloutTree, n: int, first_index: int) -> list[RolloutTree]:
+        """n more empty trees of the same prompt and group (indices first_index, ...), sharing the root's
+        hidden state if `like` has one."""
+        out = []
+        for j in range(first_index, first_index + n):
+            t = RolloutTree(like.task, like.group, j, like.root.obs_ids, copy.deepcopy(like.root.state))
+            if 0 in like.hidden:
+                t.hidden[0] = like.hidden[0]
+            out.append(t)
+        return out
+
+    def root_hidden(self, trees: list[RolloutTree]) -> None:
+        """A prefill-only pass over the roots (identical prompts once) that fills `tree.hidden[0]`;
+        charged to `prefill_tokens` / `prefill_saved` like any prefill."""
+        todo = [t for t in trees if 0 not in t.hidden]
+        if not todo:
+            return
+        states, stats = self.policy.prefix_hidden([t.root.obs_ids for t in todo], self.batch_size)
+        for t, h in zip(todo, states):
+            t.hidden[0] = h
+        self.cost.prefill_tokens += stats.computed
+        self.cost.prefill_saved += stats.saved
 
     def grow(self, jobs: list[tuple[RolloutTree, int]], continuation: bool = False) -> list[int]:
         """Run one trajectory per (tree, node) job to its end and hang it below the node.
@@ -267,12 +308,17 @@ class RolloutEngine:
         order = sorted(range(len(jobs)), key=lambda i: (jobs[i][0].group, jobs[i][0].index, jobs[i][1]))
         trajs = [restore(*jobs[i]) for i in order]
         starts = [len(t.turns) for t in trajs]
-        cost = run_turns(self.policy, self.env, trajs, self.params, self.generator, self.batch_size)
+        cost = run_turns(self.policy, self.env, trajs, self.params, self.generator, self.batch_size,
+                         self.capture_hidden)
         cost.trajectories = len(jobs)
         leaves = [0] * len(jobs)
         for i, t, n_turns in zip(order, trajs, starts):
             tree, node = jobs[i]
             leaves[i] = tree.attach(node, turn_records(t, n_turns), t.done, t.reward, t.info)
+            if t.hidden:  # the state after k turns belongs to the path's node at depth k
+                for n in tree.path(leaves[i])[n_turns:]:
+                    if n.depth in t.hidden:
+                        tree.hidden.setdefault(n.id, t.hidden[n.depth])
         if continuation:
             cost.continuations = len(jobs)
             cost.continuation_gen_tokens = cost.gen_tokens

@@ -3,7 +3,8 @@
 Life cycle (torchtune-style): setup -> train -> save. One step reads top to bottom:
 
     tasks  = next prompts (a pure function of seed and step, so resume is exact)
-    trees  = ALLOCATORS[rollout.allocator](engine, tasks)   (G chains, or Tree-GRPO trees)
+    trees  = ALLOCATORS[rollout.allocator](ctx, tasks)   (G chains, Tree-GRPO / TRACE trees, ...)
+    predictor.observe(trees)                           (allocators marked uses_predictor only)
     trajs  = one trajectory per leaf                   (the exact sampled token ids)
     adv    = ADVANTAGES[algo.advantage](rewards, prompts, trees, ancestors)
     loss   = AGGREGATIONS[agg](POLICY_LOSSES[loss](logp, old_logp, adv, mask)) + kl + entropy
@@ -18,15 +19,18 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from tracerl.allocate import ALLOCATORS
+from tracerl.allocate import ALLOCATORS, AllocationContext
+from tracerl.allocate.predictor import SuccessPredictor, TextEncoder
 from tracerl.algos import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from tracerl.algos.losses import entropy_from_logits, token_logprobs
 from tracerl.algos.metrics import effective_ratio, zero_advantage_fraction
 from tracerl.backends.hf import HFPolicy, SamplingParams
-from tracerl.checkpoint import latest_checkpoint, load_optimizer, read_state, save_checkpoint, set_rng_state
+from tracerl.checkpoint import (latest_checkpoint, load_optimizer, load_tensors, read_state, save_checkpoint,
+                                save_tensors, set_rng_state)
 from tracerl.config import Config, ConfigError, dump_config, load_config
 from tracerl.errors import CheckpointError, DataError, TracerlError
 from tracerl.evaluate import evaluate, summarize
@@ -97,6 +101,8 @@ class Trainer:
             raise DataError(f"train split of environment {self.env.name!r} is empty")
         self._setup_model()
         self._setup_optimizer()
+        self._setup_predictor()
+        self.prompt_stats: dict[str, float] = {}  # task id -> success rate of its leaves at its latest visit
         self.start_step, self.totals = 0, {"cum_gen_tokens": 0, "cum_trajectories": 0, "cum_tool_calls": 0}
         if self.resume_dir is not None:
             self._restore()
@@ -135,6 +141,15 @@ class Trainer:
         t = self.cfg.trainer
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
 
+    def _setup_predictor(self) -> None:
+        """The success predictor, for allocators that declare they use one (`uses_predictor`)."""
+        cfg = self.cfg
+        self.predictor = None
+        if getattr(ALLOCATORS.get(cfg.rollout.allocator), "uses_predictor", False):
+            text = TextEncoder(cfg.run.device) if cfg.predictor.text_embedding else None
+            self.predictor = SuccessPredictor(cfg.predictor, self.model.config.hidden_size, cfg.env.max_turns,
+                                              cfg.run.seed, text)
+
     def _restore(self) -> None:
         ckpt = latest_checkpoint(self.run_dir / "checkpoints")
         if ckpt is None:
@@ -145,6 +160,13 @@ class Trainer:
         load_optimizer(ckpt, self.optimizer)
         set_rng_state(state["rng"])
         self.start_step, self.totals = state["step"], state["totals"]
+        self.prompt_stats = dict(state.get("prompt_stats", {}))
+        saved = load_tensors(ckpt, "predictor")
+        if self.predictor is not None:
+            if saved is None:
+                raise CheckpointError(f"checkpoint {ckpt} has no predictor state, but rollout.allocator="
+                                      f"{self.cfg.rollout.allocator} uses one")
+            self.predictor.load_state(*saved)
         self.log(f"resumed from {ckpt} (step {self.start_step})")
 
     # ---------------------------------------------------------------- one step
@@ -152,16 +174,40 @@ class Trainer:
         rng = random.Random(self.cfg.run.seed * 1_000_003 + step)
         return rng.sample(self.train_tasks, min(self.cfg.rollout.prompts_per_step, len(self.train_tasks)))
 
+    def _drawer(self, step: int, batch) -> Callable[[int], list]:
+        """More prompts for this step (pools, refills): a seeded shuffle of the train split without the
+        batch, taken in order; a pure function of seed and step, so resume is exact."""
+        used = {t.id for t in batch}
+        order: list = []
+        pos = 0
+
+        def draw(n: int):
+            nonlocal order, pos
+            if not order:
+                rng = random.Random(self.cfg.run.seed * 1_000_003 + step * 7919 + 31)
+                order = [t for t in self.train_tasks if t.id not in used]
+                rng.shuffle(order)
+            out = order[pos:pos + n]
+            pos += len(out)
+            return out
+
+        return draw
+
     def rollout(self, step: int) -> tuple[list[RolloutTree], RolloutCost]:
-        """The step's rollout trees (chains are trees whose leaves all hang from the root)."""
+        """The step's rollout trees (chains are trees whose leaves all hang from the root).
+        `self.alloc_info` gets the allocation's own metrics (pool size, allocator extras)."""
         r = self.cfg.rollout
         params = SamplingParams(r.max_turn_tokens, r.temperature, r.top_p, tuple(self.env.stop_strings))
         engine = RolloutEngine(self.policy, self.env, params, step_generator(self.cfg.run.seed, step),
-                               self.cfg.model.chat_template, r.batch_size)
+                               self.cfg.model.chat_template, r.batch_size, capture_hidden=self.predictor is not None)
         rng = random.Random(self.cfg.run.seed * 1_000_003 + step * 7919 + 17)
-        trees = ALLOCATORS.get(r.allocator)(engine, self.sample_tasks(step), r, rng)
+        tasks = self.sample_tasks(step)
+        ctx = AllocationContext(engine, r, rng, self.cfg.alloc, self.predictor, self.prompt_stats,
+                                self._drawer(step, tasks))
+        trees = ALLOCATORS.get(r.allocator)(ctx, tasks)
         for t in trees:
             t.update_stats()
+        self.alloc_info = {"pool_size": float(len(tasks) + ctx.drawn), **ctx.metrics}
         return trees, engine.cost
 
     def lr_at(self, step: int) -> float:
@@ -357,6 +403,10 @@ class Trainer:
         trees, cost = self.rollout(step)
         trajs = leaf_trajectories(trees)
         t1 = time.time()
+        predictor_metrics = self.predictor.observe(trees, step) if self.predictor is not None else {}
+        t_pred = time.time() - t1
+        self._update_prompt_stats(trees)
+        t1 = time.time()
         rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
         groups = torch.tensor([t.group for t in trajs], dtype=torch.long)
         adv = self.advantages(trajs)
@@ -382,12 +432,27 @@ class Trainer:
                        prefill_tokens=cost.prefill_tokens, prefill_saved=cost.prefill_saved,
                        tool_calls=cost.tool_calls, trajectories=cost.trajectories,
                        continuations=cost.continuations, continuation_fraction=cost.continuation_fraction,
-                       rollout_s=t1 - t0, update_s=time.time() - t1)
+                       root_rollouts=cost.trajectories - cost.continuations,
+                       prompts_used=len({t.group for t in trees}), **self.alloc_info, **predictor_metrics,
+                       rollout_s=t1 - t0 - t_pred, update_s=time.time() - t1)
+        if self.predictor is not None:
+            metrics["predictor_s"] = t_pred
         self.totals["cum_gen_tokens"] += cost.gen_tokens
         self.totals["cum_trajectories"] += cost.trajectories
         self.totals["cum_tool_calls"] += cost.tool_calls
         metrics.update(self.totals)
         return metrics
+
+    def _update_prompt_stats(self, trees: list[RolloutTree]) -> None:
+        """Latest empirical success rate of every prompt of the step (Knapsack-style allocation)."""
+        counts: dict[str, list[int]] = {}
+        for t in trees:
+            c = counts.setdefault(t.task.id, [0, 0])
+            c[0] += t.root.successes
+            c[1] += t.root.leaves
+        for task_id, (succ, leaves) in counts.items():
+            if leaves:
+                self.prompt_stats[task_id] = succ / leaves
 
     # ---------------------------------------------------------------- loop
     def evaluate(self, step: int, split: str = "validation") -> dict[str, float]:
@@ -398,9 +463,17 @@ class Trainer:
         return res
 
     def save(self, step: int) -> Path:
+        extra = None
+        if self.predictor is not None:
+            predictor = self.predictor
+
+            def extra(directory: Path) -> None:
+                save_tensors(directory, "predictor", *predictor.state())
+
         return save_checkpoint(self.run_dir / "checkpoints", step, self.model, self.tokenizer, self.optimizer,
-                               {"totals": self.totals, "seed": self.cfg.run.seed, "model_path": str(self.model_path)},
-                               keep=self.cfg.trainer.keep_checkpoints)
+                               {"totals": self.totals, "seed": self.cfg.run.seed, "model_path": str(self.model_path),
+                                "prompt_stats": self.prompt_stats},
+                               keep=self.cfg.trainer.keep_checkpoints, extra=extra)
 
     def train(self) -> dict[str, float]:
         t = self.cfg.trainer

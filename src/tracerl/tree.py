@@ -77,6 +77,9 @@ class RolloutTree:
         self.task, self.group, self.index = task, group, index
         self.nodes: dict[int, TreeNode] = {0: TreeNode(0, None, 0, [], [], list(prompt_ids), {}, state)}
         self._next_id = 1
+        # node id -> the policy's last-layer hidden state at the node's last token (success-predictor
+        # features, filled by the rollout engine when asked); in memory only, never serialised
+        self.hidden: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ structure
     @property
@@ -169,6 +172,7 @@ class RolloutTree:
         for leaf in keep:
             alive.update(n.id for n in self.path(leaf))
         self.nodes = {i: n for i, n in self.nodes.items() if i in alive}
+        self.hidden = {i: h for i, h in self.hidden.items() if i in alive}
         for n in self.nodes.values():
             n.children = [c for c in n.children if c in alive]
 

@@ -1,19 +1,66 @@
-"""The uniform (GRPO chains) and random-expansion (Tree-GRPO) allocators, with the optional
-per-prompt generated-token budget that puts methods on equal measured cost."""
+"""The allocation context, the registry, and the uniform (GRPO chains) and random-expansion
+(Tree-GRPO) allocators, with the optional per-prompt generated-token budget that puts methods on
+equal measured cost."""
 
 from __future__ import annotations
 
 import math
 import random
 from collections import defaultdict
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from tracerl.errors import OptionError
+from tracerl.config import AllocConfig, RolloutConfig
+from tracerl.envs.base import Task
+from tracerl.errors import OptionError, TracerlError
 from tracerl.registry import Registry
 from tracerl.tree import RolloutTree
 
-Allocator = Callable[..., list[RolloutTree]]
+if TYPE_CHECKING:
+    from tracerl.allocate.predictor import SuccessPredictor
+    from tracerl.rollout import RolloutEngine
+
+
+@dataclass
+class AllocationContext:
+    """Everything an allocator may use besides the step's prompts: the engine that grows trees (and
+    measures their cost), the rollout and alloc sections, the step's RNG, the success predictor (for
+    allocators registered with `uses_predictor`), each prompt's latest empirical success rate, and a
+    source of further prompts (pools, DAPO's refills). Allocators add their own metrics to `metrics`."""
+
+    engine: "RolloutEngine"
+    rollout: RolloutConfig
+    rng: random.Random
+    alloc: AllocConfig = field(default_factory=AllocConfig)
+    predictor: "SuccessPredictor | None" = None
+    prompt_stats: Mapping[str, float] = field(default_factory=dict)  # task id -> latest success rate
+    draw: Callable[[int], list[Task]] | None = None  # n more prompts, none of them drawn before this step
+    metrics: dict[str, float] = field(default_factory=dict)
+    drawn: int = 0  # prompts obtained from `draw` this step
+
+    def more_tasks(self, n: int) -> list[Task]:
+        """Up to n further prompts for this step (fewer if the split runs out)."""
+        if n <= 0:
+            return []
+        if self.draw is None:
+            raise TracerlError("this allocator needs more prompts than the batch, but no prompt source was given")
+        out = self.draw(n)
+        self.drawn += len(out)
+        return out
+
+    def step_budget(self, prompts: int) -> int | None:
+        """Generated tokens the step may spend with rollout.token_budget set (budget × prompts), else None."""
+        return self.rollout.token_budget * prompts if self.rollout.token_budget else None
+
+
+Allocator = Callable[[AllocationContext, list[Task]], list[RolloutTree]]
 ALLOCATORS: Registry[Allocator] = Registry("allocator")
+
+
+def uses_predictor(fn: Any) -> Any:
+    """Mark an allocator that reads `ctx.predictor`: the trainer then builds and trains one."""
+    fn.uses_predictor = True
+    return fn
 
 
 def check_tree_shape(m: int, n: int, l: int, k: int | None) -> None:
@@ -34,11 +81,12 @@ def _prompt_tokens(trees: list[RolloutTree]) -> dict[int, int]:
 
 
 @ALLOCATORS.register("uniform")
-def uniform(engine, tasks, cfg, rng: random.Random) -> list[RolloutTree]:
+def uniform(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
     """GRPO: G chains from each prompt's root (one tree per prompt whose leaves are all root children).
 
     With `token_budget` set, chains are added to each prompt in waves until it has spent its budget
     (each wave sized from the prompt's measured mean chain length; at least `group_size` chains)."""
+    engine, cfg = ctx.engine, ctx.rollout
     trees = engine.plant(tasks, 1)
     engine.grow([(t, 0) for t in trees for _ in range(cfg.group_size)])
     if cfg.token_budget:
@@ -59,13 +107,14 @@ def uniform(engine, tasks, cfg, rng: random.Random) -> list[RolloutTree]:
 
 
 @ALLOCATORS.register("tree_grpo")
-def tree_grpo(engine, tasks, cfg, rng: random.Random) -> list[RolloutTree]:
+def tree_grpo(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
     """Tree-GRPO (arXiv 2509.21240): M trees per prompt, each seeded by one chain; L rounds in which
     N nodes per tree are drawn uniformly with replacement from the root and its non-leaf nodes and
     continued to the end; then K random leaves are kept per tree.
 
     With `token_budget` set, rounds go on past L (up to `max_budget_waves` more) for each tree that
     has not spent its share (budget / M) of the prompt's budget, and no leaf is pruned unless K is given."""
+    engine, cfg, rng = ctx.engine, ctx.rollout, ctx.rng
     m, n, l, k = cfg.trees_per_prompt, cfg.expansions, cfg.rounds, cfg.leaves_per_tree
     check_tree_shape(m, n, l, None if cfg.token_budget else k)
     trees = engine.plant(tasks, m)

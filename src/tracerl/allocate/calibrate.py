@@ -14,7 +14,7 @@ import statistics
 
 
 
-from tracerl.allocate.basic import ALLOCATORS, match_tree_shape
+from tracerl.allocate.basic import ALLOCATORS, AllocationContext, match_tree_shape
 from tracerl.backends.hf import HFPolicy, SamplingParams
 from tracerl.config import Config
 
@@ -37,12 +37,12 @@ def calibrate(cfg: Config, steps: int = 3, log=print) -> dict[str, float]:
         batch = rng.sample(tasks, min(r.prompts_per_step, len(tasks)))
         eng = RolloutEngine(policy, env, params, step_generator(cfg.run.seed, step, 1), cfg.model.chat_template,
                             r.batch_size)
-        ALLOCATORS.get("uniform")(eng, batch, r.model_copy(update={"token_budget": None}), rng)
+        ALLOCATORS.get("uniform")(AllocationContext(eng, r.model_copy(update={"token_budget": None}), rng), batch)
         chain_tokens.append(eng.cost.gen_tokens / eng.cost.trajectories)
         eng = RolloutEngine(policy, env, params, step_generator(cfg.run.seed, step, 2), cfg.model.chat_template,
                             r.batch_size)
         tree_cfg = r.model_copy(update={"token_budget": None, "leaves_per_tree": None})
-        ALLOCATORS.get("tree_grpo")(eng, batch, tree_cfg, rng)
+        ALLOCATORS.get("tree_grpo")(AllocationContext(eng, tree_cfg, rng), batch)
         f_values.append(eng.cost.continuation_fraction)
         log(f"calibration step {step + 1}/{steps}: chain {chain_tokens[-1]:.1f} tokens, f {f_values[-1]:.3f}")
     f = statistics.mean(f_values)

