@@ -48,7 +48,7 @@ def packed(model, packs, pad_id, micro_leaves):
     tokens, chunk, leaves = 0, [], 0
     chunks = []
     for p in packs:
-        n = int(p.count.max())
+        n = p.n_leaves
         if chunk and leaves + n > micro_leaves:
             chunks.append(chunk)
             chunk, leaves = [], 0

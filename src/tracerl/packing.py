@@ -35,6 +35,7 @@ class PackedTree:
     leaf_tokens: int  # Σ over leaves of their sampled tokens: the per-leaf token-mean denominator
     leaf_sequence_tokens: int  # Σ over leaves of their full lengths: tokens a per-leaf forward runs
     scored: dict[int, tuple[int, int]]  # node id -> its [start, end) among the P scored tokens
+    n_leaves: int  # leaves packed (the rows a per-leaf layout would need)
 
     def leaf_index(self, tree: RolloutTree, leaf: int) -> Tensor:
         """Indices into the P scored tokens of a leaf's sampled tokens, in sequence order."""
@@ -101,7 +102,7 @@ def pack_tree(tree: RolloutTree, leaf_adv: dict[int, float]) -> PackedTree:
     return PackedTree(torch.tensor(ids), torch.tensor(pos), allowed, torch.tensor(src, dtype=torch.long),
                       torch.tensor(tgt, dtype=torch.long), torch.tensor(logp, dtype=torch.float32),
                       torch.tensor(cf, dtype=torch.float32), torch.tensor(cnt, dtype=torch.float32), leaf_tokens,
-                      leaf_seq, scored)
+                      leaf_seq, scored, len(leaf_adv))
 
 
 def batch_packed(packs: list[PackedTree], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -295,7 +295,7 @@ class Trainer:
         chunks: list[list[int]] = [[]]
         leaves = 0
         for i, p in enumerate(packs):
-            n = int(p.count.max()) if len(p.count) else 1  # leaves below the root = leaves of the tree
+            n = p.n_leaves
             if chunks[-1] and leaves + n > self.cfg.trainer.micro_batch_size:
                 chunks.append([])
                 leaves = 0
