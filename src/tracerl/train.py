@@ -415,7 +415,7 @@ class Trainer:
         n_gen = torch.tensor([sum(t.loss_mask) for t in trajs], dtype=torch.float32)
         metrics = summarize(trajs)
         metrics.update(effective_ratio=effective_ratio(rewards, groups),
-                       zero_adv_frac=zero_advantage_fraction(adv[:, None].expand(-1, 1), torch.ones(len(trajs), 1),
+                       zero_adv_frac=zero_advantage_fraction(adv[:, None], torch.ones(len(trajs), 1),
                                                              weights=n_gen),
                        mixed_anchors=mixed_anchors(trees), leaves=len(trajs))
         keep = list(range(len(trajs)))

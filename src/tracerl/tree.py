@@ -106,6 +106,10 @@ class RolloutTree:
     def leaf_ids(self) -> list[int]:
         return [n.id for n in self.nodes.values() if n.done]
 
+    def gen_tokens(self) -> int:
+        """Tokens the policy sampled for this tree so far (every node attached; what it cost)."""
+        return sum(len(n.gen_ids) for n in self.nodes.values())
+
     def descendants_leaves(self, node_id: int) -> list[int]:
         out, stack = [], [node_id]
         while stack:

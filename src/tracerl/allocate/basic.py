@@ -76,7 +76,7 @@ def _prompt_tokens(trees: list[RolloutTree]) -> dict[int, int]:
     """Generated tokens so far per prompt group (every node ever attached; pruning comes last)."""
     used: dict[int, int] = defaultdict(int)
     for t in trees:
-        used[t.group] += sum(len(n.gen_ids) for n in t.nodes.values())
+        used[t.group] += t.gen_tokens()
     return used
 
 
@@ -124,7 +124,7 @@ def tree_grpo(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
         jobs = []
         for t in trees:
             # with a budget, each of the M trees may spend its share of the prompt's budget
-            if cfg.token_budget and sum(len(x.gen_ids) for x in t.nodes.values()) >= cfg.token_budget / m:
+            if cfg.token_budget and t.gen_tokens() >= cfg.token_budget / m:
                 continue
             anchors = t.anchors()  # candidates fixed at the start of the round
             if anchors:
