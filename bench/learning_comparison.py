@@ -34,23 +34,40 @@ METHODS = {
              "rollout.expansions=2", "rollout.rounds=1"],
     "tree-grpo-adv": ["rollout.allocator=tree_grpo", "algo.advantage=grpo", "rollout.trees_per_prompt=2",
                       "rollout.expansions=2", "rollout.rounds=1"],
+    # TRACE (configs/trace.yaml): predictor-guided Stage 1 root counts over a 2x pool + Stage 2 continuations
+    "trace": ["--config", "configs/trace.yaml"],
     "tree-treepo": ["rollout.allocator=tree_grpo", "algo.advantage=treepo", "rollout.trees_per_prompt=2",
                     "rollout.expansions=2", "rollout.rounds=1"],
 }
 
 
 def command(method: str, seed: int, budget: int, threads: int, out_dir: Path, extra: list[str]) -> list[str]:
-    return [TRACERL, "train", "--overwrite", f"run.dir={out_dir / f'{method}-seed{seed}'}", f"run.seed={seed}",
+    method_args = METHODS[method]
+    config = method_args[:2] if method_args[:1] == ["--config"] else []
+    return [TRACERL, "train", *config, "--overwrite", f"run.dir={out_dir / f'{method}-seed{seed}'}", f"run.seed={seed}",
             "sft.seed=0", f"run.threads={threads}", "trainer.progress=false", f"rollout.token_budget={budget}",
-            *METHODS[method], *extra]
+            *method_args[len(config):], *extra]
 
 
-def run(method: str, seed: int, budget: int, threads: int, out_dir: Path, extra: list[str]) -> dict:
+def run(method: str, seed: int, budget: int, threads: int, out_dir: Path, extra: list[str],
+        reuse: bool = False) -> dict:
+    """Train one run, or with `reuse`, collect a finished run made by the very same command (another
+    benchmark's baseline runs, say); the command of each finished run is kept in <run>.cmd.json."""
+    cmd = command(method, seed, budget, threads, out_dir, extra)
+    done = out_dir / f"{method}-seed{seed}.cmd.json"
+    same = lambda a, b: [x for x in a if not x.startswith("run.threads=")] == \
+        [x for x in b if not x.startswith("run.threads=")]  # noqa: E731 (threads change float rounding only)
+    if reuse and done.is_file() and (out_dir / f"{method}-seed{seed}" / "final_eval.json").is_file():
+        saved = json.loads(done.read_text())
+        if same(saved["cmd"], cmd):
+            print(f"reusing {method}-seed{seed} (finished with the same command)", flush=True)
+            return collect(method, seed, out_dir, saved["wall_s"])
     t0 = time.time()
     with open(out_dir / f"{method}-seed{seed}.log", "w") as log:
-        subprocess.run(command(method, seed, budget, threads, out_dir, extra), check=True, cwd=REPO, stdout=log,
-                       stderr=subprocess.STDOUT)
-    return collect(method, seed, out_dir, time.time() - t0)
+        subprocess.run(cmd, check=True, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.time() - t0
+    done.write_text(json.dumps({"cmd": cmd, "wall_s": wall}))
+    return collect(method, seed, out_dir, wall)
 
 
 def collect(method: str, seed: int, out_dir: Path, wall: float | None = None) -> dict:
@@ -59,6 +76,9 @@ def collect(method: str, seed: int, out_dir: Path, wall: float | None = None) ->
     evals = [json.loads(x) for x in open(run_dir / "eval.jsonl")]
     rows = [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
     mean = lambda k: statistics.mean(r.get(k, 0.0) for r in rows)  # noqa: E731
+    # predictor calibration, over the steps where it was measured (allocators with a predictor only)
+    calib = lambda k: (statistics.mean(r[k] for r in rows if k in r)  # noqa: E731
+                       if any(k in r for r in rows) else None)
     if wall is None:
         wall = sum(r["rollout_s"] + r["update_s"] for r in rows)
     return {"method": method, "seed": seed, "wall_s": round(wall, 1), "em_start": evals[0]["em"],
@@ -69,10 +89,15 @@ def collect(method: str, seed: int, out_dir: Path, wall: float | None = None) ->
             "prefill_saved_per_step": mean("prefill_saved"), "continuation_fraction": mean("continuation_fraction"),
             "rollout_s_per_step": mean("rollout_s"), "update_s_per_step": mean("update_s"),
             "train_reward_first10": statistics.mean(r["reward_mean"] for r in rows[:10]),
-            "train_reward_last10": statistics.mean(r["reward_mean"] for r in rows[-10:])}
+            "train_reward_last10": statistics.mean(r["reward_mean"] for r in rows[-10:]),
+            "predictor_ece": calib("predictor_ece"), "predictor_brier": calib("predictor_brier"),
+            "predictor_auroc": calib("predictor_auroc")}
 
 
-def fmt(xs: list[float], d: int = 3) -> str:
+def fmt(xs: list[float | None], d: int = 3) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "–"
     return f"{statistics.mean(xs):.{d}f} ± {statistics.stdev(xs):.{d}f}" if len(xs) > 1 else f"{xs[0]:.{d}f}"
 
 
@@ -86,6 +111,8 @@ def main() -> None:
     ap.add_argument("--results", default=str(REPO / "bench" / "results" / "learning_comparison.json"))
     ap.add_argument("--collect", action="store_true",
                     help="do not train: summarise the finished run directories under --out-dir")
+    ap.add_argument("--reuse", action="store_true",
+                    help="collect runs already finished under --out-dir with the same command instead of rerunning")
     ap.add_argument("overrides", nargs="*", help="extra config overrides for every run (after --)")
     args = ap.parse_args()
     out_dir = Path(args.out_dir).resolve()
@@ -96,20 +123,22 @@ def main() -> None:
         results = [collect(m, s, out_dir) for m, s in jobs]
     else:
         with ThreadPoolExecutor(args.parallel) as pool:
-            results = list(pool.map(lambda j: run(j[0], j[1], args.budget, threads, out_dir, args.overrides), jobs))
+            results = list(pool.map(lambda j: run(j[0], j[1], args.budget, threads, out_dir, args.overrides,
+                                                 args.reuse), jobs))
     Path(args.results).write_text(json.dumps({"budget": args.budget, "overrides": args.overrides,
                                               "parallel": args.parallel, "runs": results}, indent=1))
     subprocess.run([TRACERL, "compare", *[str(out_dir / f"{m}-seed{s}") for m, s in jobs],
                     "--out", str(out_dir / "compare.html")], check=True, cwd=REPO)
     print("| method | seeds | val EM start | val EM final | F1 final | gen tokens (cum) | leaves/step | "
-          "effective ratio | mixed anchors/step | rollout s/step | update s/step |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "effective ratio | mixed anchors/step | predictor ECE | predictor AUROC | rollout s/step | update s/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for m in args.methods:
         rs = [r for r in results if r["method"] == m]
         print(f"| {m} | {len(rs)} | {fmt([r['em_start'] for r in rs])} | {fmt([r['em_final'] for r in rs])} | "
               f"{fmt([r['f1_final'] for r in rs])} | {fmt([r['cum_gen_tokens'] for r in rs], 0)} | "
               f"{fmt([r['leaves_per_step'] for r in rs], 1)} | {fmt([r['effective_ratio'] for r in rs])} | "
-              f"{fmt([r['mixed_anchors'] for r in rs], 1)} | {fmt([r['rollout_s_per_step'] for r in rs], 2)} | "
+              f"{fmt([r['mixed_anchors'] for r in rs], 1)} | {fmt([r['predictor_ece'] for r in rs])} | "
+              f"{fmt([r['predictor_auroc'] for r in rs])} | {fmt([r['rollout_s_per_step'] for r in rs], 2)} | "
               f"{fmt([r['update_s_per_step'] for r in rs], 2)} |")
 
 

@@ -70,3 +70,19 @@ def test_context_cap_is_respected(tiny_policy, small_env):
         assert len(gens[0].token_ids) <= 3
     finally:
         tiny_policy.max_context = cap
+
+
+def test_sampler_draws_the_tempered_nucleus_law():
+    from tracerl.backends.hf import _sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]])).repeat(40_000, 1)
+    g = torch.Generator().manual_seed(0)
+    freq = torch.bincount(_sample(logits, SamplingParams(temperature=1.0), g), minlength=5) / 40_000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]), atol=0.01, rtol=0)
+    # T = 0.5 squares and renormalises the probabilities
+    p2 = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]) ** 2
+    freq = torch.bincount(_sample(logits, SamplingParams(temperature=0.5), g), minlength=5) / 40_000
+    torch.testing.assert_close(freq, p2 / p2.sum(), atol=0.01, rtol=0)
+    # top_p = 0.7 keeps {0.5, 0.3}: renormalised to 0.625 / 0.375, the tail is never drawn
+    freq = torch.bincount(_sample(logits, SamplingParams(temperature=1.0, top_p=0.7), g), minlength=5) / 40_000
+    torch.testing.assert_close(freq, torch.tensor([0.625, 0.375, 0.0, 0.0, 0.0]), atol=0.01, rtol=0)
