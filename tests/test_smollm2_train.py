@@ -37,3 +37,26 @@ def test_smollm2_rollout_and_training_step(tmp_path):
     assert changed > 0
     ev = tr.evaluate(0)  # greedy evaluation runs the same loop
     assert ev["n"] == 2 and 0.0 <= ev["em"] <= 1.0 and ev["mean_turns"] >= 1
+
+
+@pytest.mark.slow
+def test_smollm2_trains_with_the_trace_allocator(tmp_path):
+    """TRACE on the 135M model: step 1 allocates uniformly (cold start), step 2 scores the prompt pool
+    and the chains' prefixes with the predictor trained on step 1's tree (576-d hidden-state features)."""
+    cfg = load_config(None, [
+        "model.preset=smollm2-135m", f"run.dir={tmp_path / 'run'}", "env.max_turns=2",
+        *(f"env.options.{k}={v}" for k, v in SMALL_WORLD.items()), "env.options.hop_mix={1: 1.0}",
+        "rollout.allocator=trace", "algo.advantage=tree_grpo", "predictor.warmup=1", "predictor.hidden=16",
+        "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_turn_tokens=16",
+        "trainer.eval_size=2", "trainer.micro_batch_size=4", "trainer.lr=1e-5", "trainer.warmup_steps=0",
+        "trainer.tensorboard=false", "alloc.epsilon=0.0",
+    ])
+    tr = Trainer(cfg, log=lambda *_: None)
+    tr.setup()
+    assert tr.predictor is not None and tr.predictor.dim > tr.model.config.hidden_size == 576
+    rows = [tr.train_step(s) for s in range(2)]
+    assert [r["predictor_warm"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["pool_size"] == 4 and r["continuations"] > 0 and r["root_rollouts"] >= 2
+        assert r["gen_tokens"] > 0 and torch.isfinite(torch.tensor(r.get("loss", 0.0)))
+    assert "predictor_loss" in rows[-1] and 0.0 <= rows[-1]["predictor_brier"] <= 1.0
