@@ -79,6 +79,11 @@ def test_weights_multiply_the_advantages_in_both_update_paths(trainer):
     assert losses["rows"] == pytest.approx(_expected_loss(trajs, adv, ones), abs=1e-5)
     assert losses["rows_w"] == pytest.approx(_expected_loss(trajs, adv, tapped), abs=1e-5)
     assert losses["packed_w"] == pytest.approx(losses["rows_w"], abs=1e-5)
+    # the packed update read each leaf's map from its packed forward (tree mask, path positions): the
+    # same maps as the leaf's own row up to float rounding, hence the same weights
+    packed = steps["packed_w"].result().weights
+    same = sum(int((wp == wt).sum()) for wp, wt in zip(packed, tapped))
+    assert same == sum(len(w) for w in tapped)
     assert abs(losses["rows_w"] - losses["rows"]) > 1e-4  # the weights really changed the objective
 
 
