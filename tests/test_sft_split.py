@@ -62,20 +62,3 @@ def test_trainer_draws_rl_prompts_only_from_the_held_out_share(tmp_path):
     trees, _ = tr.rollout(0)
     assert {t.task.id for t in trees} <= {t.id for t in rl}
 
-
-def test_sft_batches_are_uniform_draws_grouped_by_length():
-    from collections import Counter
-
-    from tracerl.sft import _batches
-
-    rows = [([0] * n, [1] * n) for n in range(1, 41)]  # 40 rows of lengths 1..40
-    batches = list(_batches(rows, batch_size=4, steps=2003, seed=3))
-    assert len(batches) == 2003 and all(len(b) == 4 for b in batches)
-    assert [[len(r[0]) for r in b] for b in batches[:50]] == \
-        [[len(r[0]) for r in b] for b in list(_batches(rows, 4, 2003, 3))[:50]]  # seeded
-    counts = Counter(len(r[0]) for b in batches for r in b)
-    expected = 2003 * 4 / 40  # every row drawn, each count within 5 binomial standard deviations of uniform
-    assert len(counts) == 40 and all(abs(c - expected) < 5 * expected ** 0.5 for c in counts.values())
-    # grouping by length: a batch spans far less than the 1..40 range random batches of 4 would span
-    spread = sum(max(len(r[0]) for r in b) - min(len(r[0]) for r in b) for b in batches) / len(batches)
-    assert spread < 10
