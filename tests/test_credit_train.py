@@ -79,6 +79,11 @@ def test_weights_multiply_the_advantages_in_both_update_paths(trainer):
     assert losses["rows"] == pytest.approx(_expected_loss(trajs, adv, ones), abs=1e-5)
     assert losses["rows_w"] == pytest.approx(_expected_loss(trajs, adv, tapped), abs=1e-5)
     assert losses["packed_w"] == pytest.approx(losses["rows_w"], abs=1e-5)
+    # the packed update read each leaf's map from its packed forward (tree mask, path positions): the
+    # same maps as the leaf's own row up to float rounding, hence the same weights
+    packed = steps["packed_w"].result().weights
+    same = sum(int((wp == wt).sum()) for wp, wt in zip(packed, tapped))
+    assert same == sum(len(w) for w in tapped)
     assert abs(losses["rows_w"] - losses["rows"]) > 1e-4  # the weights really changed the objective
 
 
@@ -91,11 +96,13 @@ def test_old_logprob_pass_supplies_the_weights_when_there_is_one(trainer, monkey
     want = trainer.credit(trajs, adv, step=0).weights
     monkeypatch.setattr(trainer.cfg.trainer, "mini_batches", 2)
     monkeypatch.setattr(trainer.cfg.trainer, "lr", 0.5)  # the first mini-batch's step changes the policy a lot
-    cs = trainer.credit.start(trajs, adv, step=0)
-    trainer.update(trajs, adv, 0, cs)
+    for update in (trainer.update, trainer.update_packed):
+        trainer.model.load_state_dict(state)
+        cs = trainer.credit.start(trajs, adv, step=0)
+        update(trajs, adv, 0, cs)
+        for w_tap, w_sep in zip(cs.result().weights, want):
+            assert torch.equal(w_tap, w_sep)
     trainer.model.load_state_dict(state)
-    for w_tap, w_sep in zip(cs.result().weights, want):
-        assert torch.equal(w_tap, w_sep)
 
 
 def test_train_step_logs_credit_and_the_report_shows_it(trainer, monkeypatch):

@@ -14,7 +14,7 @@ the KL and entropy terms and the token-mean denominator the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -36,6 +36,12 @@ class PackedTree:
     leaf_sequence_tokens: int  # Σ over leaves of their full lengths: tokens a per-leaf forward runs
     scored: dict[int, tuple[int, int]]  # node id -> its [start, end) among the P scored tokens
     n_leaves: int  # leaves packed (the rows a per-leaf layout would need)
+    spans: dict[int, tuple[int, int]] = field(default_factory=dict)  # node id -> its [start, end) in input_ids
+
+    def leaf_sequence(self, tree: RolloutTree, leaf: int) -> Tensor:
+        """Indices into `input_ids` of a leaf's whole token sequence (prompt, turns, observations), in
+        order: gathering them gives the leaf's own row, `traj.token_ids`."""
+        return torch.tensor([i for n in tree.path(leaf) for i in range(*self.spans[n.id])], dtype=torch.long)
 
     def leaf_index(self, tree: RolloutTree, leaf: int) -> Tensor:
         """Indices into the P scored tokens of a leaf's sampled tokens, in sequence order."""
@@ -64,6 +70,7 @@ def pack_tree(tree: RolloutTree, leaf_adv: dict[int, float]) -> PackedTree:
     end_depth: dict[int, int] = {}  # path length after the node
     src, tgt, logp, cf, cnt = [], [], [], [], []
     scored: dict[int, tuple[int, int]] = {}
+    spans: dict[int, tuple[int, int]] = {}
     for nid in order:
         n = tree.nodes[nid]
         start = end_depth[n.parent] if n.parent is not None else 0
@@ -85,6 +92,7 @@ def pack_tree(tree: RolloutTree, leaf_adv: dict[int, float]) -> PackedTree:
             pos.append(start + len(n.gen_ids) + k)
             node_of.append(index[nid])
         end_depth[nid] = start + len(n.gen_ids) + len(n.obs_ids)
+        spans[nid] = (first_pos[nid], len(ids))
     if any(s is None for s in src):
         raise ValueError("the root of a tree holds no sampled tokens")
 
@@ -102,7 +110,7 @@ def pack_tree(tree: RolloutTree, leaf_adv: dict[int, float]) -> PackedTree:
     return PackedTree(torch.tensor(ids), torch.tensor(pos), allowed, torch.tensor(src, dtype=torch.long),
                       torch.tensor(tgt, dtype=torch.long), torch.tensor(logp, dtype=torch.float32),
                       torch.tensor(cf, dtype=torch.float32), torch.tensor(cnt, dtype=torch.float32), leaf_tokens,
-                      leaf_seq, scored, len(leaf_adv))
+                      leaf_seq, scored, len(leaf_adv), spans)
 
 
 def batch_packed(packs: list[PackedTree], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:

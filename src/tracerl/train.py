@@ -21,7 +21,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -350,29 +350,65 @@ class Trainer:
         return [row[p.src.to(dev)].float() / self.temperature for row, p in zip(logits.unbind(0), packs)]
 
     @torch.no_grad()
-    def _packed_logprobs(self, model, packs: list[PackedTree]) -> list[torch.Tensor]:
+    def _packed_logprobs(self, model, packs: list[PackedTree], tap: Callable[[list[int]], Any] | None = None
+                         ) -> list[torch.Tensor]:
+        """Log-probs of every pack's scored tokens; `tap(pack indices)` is the context of each forward."""
         out: list[torch.Tensor] = []
         for chunk in self._packed_chunks(packs):
             sub = [packs[i] for i in chunk]
-            out += [token_logprobs(lg[None], p.tgt.to(lg.device)[None])[0] for lg, p in zip(self._packed_logits(model, sub), sub)]
+            with tap(chunk) if tap is not None else contextlib.nullcontext():
+                logits = self._packed_logits(model, sub)
+            out += [token_logprobs(lg[None], p.tgt.to(lg.device)[None])[0] for lg, p in zip(logits, sub)]
         return out
+
+    def _packed_credit(self, trajs: list[Trajectory], adv: torch.Tensor, packs: list[PackedTree],
+                       credit: CreditStep):
+        """Token credit read from the packed forwards themselves: (tap, weigh). `tap(pack indices)` is
+        the context of a forward over those packs (batch rows in that order): it weighs their pending
+        leaves from the maps of each leaf's own tokens. `weigh(pack indices)` then sets those packs'
+        coefficients to Σ_ℓ A_ℓ·w_ℓ(t), once per pack."""
+        keys = sorted({(t.tree.group, t.tree.index) for t in trajs})  # the order of `_pack`
+        members: dict[tuple[int, int], list[int]] = {k: [] for k in keys}
+        for i, t in enumerate(trajs):
+            members[(t.tree.group, t.tree.index)].append(i)
+        rows = [members[k] for k in keys]
+        base = [p.coef for p in packs]
+        done: set[int] = set()
+
+        def tap(chunk: list[int]):
+            leaves = [(row, i, packs[k].leaf_sequence(trajs[i].tree, trajs[i].node))
+                      for row, k in enumerate(chunk) for i in rows[k]]
+            return credit.tap_packed(self.model, leaves)
+
+        def weigh(chunk: list[int]) -> None:
+            for k in chunk:
+                if k in done:
+                    continue
+                tree, p = trajs[rows[k][0]].tree, packs[k]
+                leaf_adv = {trajs[i].node: float(adv[i]) for i in rows[k]}
+                w = {trajs[i].node: credit.weights[i][torch.tensor(trajs[i].loss_mask, dtype=torch.bool)]
+                     for i in rows[k]}
+                p.coef = reweight_packed(base[k], {leaf: p.leaf_index(tree, leaf) for leaf in w}, leaf_adv, w)
+                done.add(k)
+
+        return tap, weigh
 
     def update_packed(self, trajs: list[Trajectory], adv: torch.Tensor, step: int,
                       credit: CreditStep | None = None) -> dict[str, float]:
         """The update of `update`, on packed trees: each shared node is run once and scored with the
         summed advantage of its leaves (same gradient as one row per leaf at ratio 1, fewer tokens).
         Token-mean aggregation over leaf tokens; KL and entropy weighted by leaves through the token.
-        Token weights (`credit`) are needed before packing: they come from a separate attention pass
-        over the leaf rows, and each packed token gets Σ_ℓ A_ℓ·w_ℓ(t)."""
+        Token weights (`credit`) are read from the attention of the first forward over each pack (the
+        π_old log-prob pass when there is one), each leaf's map over its own tokens, before that pack's
+        loss: each packed token then gets Σ_ℓ A_ℓ·w_ℓ(t)."""
         cfg, a = self.cfg, self.cfg.algo
         pg_fn = POLICY_LOSSES.get(a.policy_loss)
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr_at(step)
-        if credit is not None:
-            credit.compute()
-        packs = self._pack(trajs, adv, credit.weights if credit is not None else None)
+        packs = self._pack(trajs, adv)
+        tap, weigh = self._packed_credit(trajs, adv, packs, credit) if credit is not None else (None, None)
         reuse_old = cfg.trainer.ppo_epochs == 1 and cfg.trainer.mini_batches == 1
-        old_logp = None if reuse_old else self._packed_logprobs(self.model, packs)
+        old_logp = None if reuse_old else self._packed_logprobs(self.model, packs, tap)
         ref_logp = self._packed_logprobs(self.ref_model, packs) if self.ref_model is not None else None
         stats: dict[str, list[float]] = {}
         order = torch.arange(len(packs))
@@ -388,7 +424,11 @@ class Trainer:
                     idx = [int(mb[i]) for i in chunk]
                     stats.setdefault("train_tokens", []).append(float(len(sub) * max(len(p.input_ids) for p in sub)))
                     loss = 0.0
-                    for j, (logits, p) in enumerate(zip(self._packed_logits(self.model, sub), sub)):
+                    with tap(idx) if tap is not None else contextlib.nullcontext():
+                        chunk_logits = self._packed_logits(self.model, sub)
+                    if weigh is not None:
+                        weigh(idx)
+                    for j, (logits, p) in enumerate(zip(chunk_logits, sub)):
                         dev = logits.device
                         logp = token_logprobs(logits[None], p.tgt.to(dev)[None])
                         ones = torch.ones_like(logp)

@@ -102,11 +102,15 @@ class AttentionTap:
     shape. `mean()` is the head and layer mean. With `stop_after_last`, the forward is cut right
     after the last chosen layer (use `run`, which swallows that stop)."""
 
-    def __init__(self, model, layers: list[int], chunk_rows: int = 128, stop_after_last: bool = False):
+    def __init__(self, model, layers: list[int], chunk_rows: int = 128, stop_after_last: bool = False,
+                 gather: list[tuple[int, Tensor]] | None = None):
         check_supported(model, layers)
         self.model, self.layers, self.chunk_rows = model, sorted(set(layers)), chunk_rows
         self.stop_after_last = stop_after_last
-        self.maps: Tensor | None = None
+        # gather: maps of token subsequences instead of whole rows — (batch row, (n,) indices) each, for
+        # packed trees: a leaf's tokens, whose queries and keys carry their own path positions
+        self.gather = gather
+        self.maps: Tensor | list[Tensor] | None = None
         self.heads = 0
         self.seconds = 0.0  # time spent in the hooks (the tap's own cost)
         self._hooks: list = []
@@ -131,10 +135,13 @@ class AttentionTap:
                     q = _heads(captured.pop("q"), module.head_dim)
                     k = _heads(captured.pop("k"), module.head_dim)
                     q, k = rope(q, k, cos, sin)
-                    if self.maps is None:
-                        b, _, n, _ = q.shape
-                        self.maps = torch.zeros(b, n, n, dtype=torch.float32, device=q.device)
-                    causal_head_sum(q, k, module.scaling, self.chunk_rows, self.maps)
+                    if self.gather is not None:
+                        self._gathered_head_sum(q, k, module.scaling)
+                    else:
+                        if self.maps is None:
+                            b, _, n, _ = q.shape
+                            self.maps = torch.zeros(b, n, n, dtype=torch.float32, device=q.device)
+                        causal_head_sum(q, k, module.scaling, self.chunk_rows, self.maps)
                     self.heads += q.shape[1]
                 self.seconds += time.perf_counter() - t0
                 if self.stop_after_last and i == last:
@@ -152,10 +159,23 @@ class AttentionTap:
         self._hooks = []
         return False
 
-    def mean(self) -> Tensor:
-        """The head and layer mean (B, N, N), computed in place: call once per forward."""
+    def _gathered_head_sum(self, q: Tensor, k: Tensor, scaling: float) -> None:
+        """Per gathered subsequence: its tokens' queries and keys, in order, with the causal mask of the
+        subsequence (exact for a leaf of a packed tree: its path is causal in its own order)."""
+        if self.maps is None:
+            self.maps = [torch.zeros(1, len(idx), len(idx), dtype=torch.float32, device=q.device)
+                         for _, idx in self.gather]
+        for (row, idx), out in zip(self.gather, self.maps):
+            idx = idx.to(q.device)
+            causal_head_sum(q[row:row + 1, :, idx], k[row:row + 1, :, idx], scaling, self.chunk_rows, out)
+
+    def mean(self) -> Tensor | list[Tensor]:
+        """The head and layer mean (B, N, N) — with `gather`, one (n, n) map per subsequence — computed
+        in place: call once per forward."""
         if self.maps is None:
             raise RuntimeError("no forward ran through the tapped layers")
+        if isinstance(self.maps, list):
+            return [m.div_(self.heads)[0] for m in self.maps]
         return self.maps.div_(self.heads)
 
     @torch.no_grad()

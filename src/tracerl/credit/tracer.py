@@ -133,6 +133,27 @@ class CreditStep:
             self._use_flow(i, maps[j, :n, :n].cpu())
         self.seconds += tap.seconds + time.perf_counter() - t0
 
+    @contextlib.contextmanager
+    def tap_packed(self, model, leaves: list[tuple[int, int, Tensor]]):
+        """Around a forward over packed trees: weigh the pending trajectories among `leaves` — (batch
+        row of their packed tree, trajectory index, (n,) indices of the leaf's tokens in that row) —
+        from that forward's attention, each map read over the leaf's own tokens."""
+        todo = [(row, i, idx) for row, i, idx in leaves if i in self.pending]
+        if not todo:
+            yield
+            return
+        with AttentionTap(model, self.credit.layers, self.cfg.chunk_rows,
+                          gather=[(row, idx) for row, _, idx in todo]) as tap:
+            yield
+        t0 = time.perf_counter()
+        maps = tap.mean()
+        tap.maps = None
+        for (_, i, idx), m in zip(todo, maps):
+            if len(idx) != len(self.trajs[i].token_ids):
+                raise ValueError(f"trajectory {i}: {len(idx)} packed tokens for a row of {len(self.trajs[i].token_ids)}")
+            self._use_flow(i, m.cpu())
+        self.seconds += tap.seconds + time.perf_counter() - t0
+
     def row_weights(self, rows: list[int], n: int) -> Tensor:
         """(len(rows), n) weights of `rows`, right-padded with 1 / cut to n positions."""
         out = torch.ones(len(rows), n, dtype=torch.float32)
