@@ -78,7 +78,7 @@ class SFTConfig(Section):
 class RolloutConfig(Section):
     prompts_per_step: int = Field(8, ge=1, description="Prompts (groups) sampled per training step.")
     group_size: int = Field(8, ge=1, description="Chains per prompt (G).")
-    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy); the trained policy is softmax(logits / T).")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy); the trained policy is softmax(logits / T). 0.7 keeps samples near the greedy policy that is evaluated.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1 = off; top-k is never applied).")
     max_turn_tokens: int = Field(48, ge=1, description="Token cap of one model turn; hitting it is a format error.")
     batch_size: int = Field(64, ge=1, description="Maximum sequences per generation call.")
@@ -195,7 +195,7 @@ class CreditConfig(Section):
 
 
 class TrainerConfig(Section):
-    steps: int = Field(100, ge=0, description="RL optimizer steps.")
+    steps: int = Field(200, ge=0, description="RL optimizer steps.")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate (constant after warm-up).")
     warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")

@@ -1,0 +1,82 @@
+"""Benchmark helper: per-question paired comparison of two policies on one split (greedy EM).
+
+For each pair (before, after) of model directories, every question of the split is answered greedily by
+both; the table counts questions that flipped wrong → right and right → wrong, and the exact two-sided
+sign test (McNemar) on the flips pooled over all pairs — a paired test, far less noisy than comparing
+two EM figures of ±0.035 each on 200 questions.
+
+    .venv/bin/python bench/paired_eval.py --pairs BEFORE_DIR:AFTER_DIR [...] [--split validation]
+
+Used for the quickstart (BENCHMARKS.md §1): BEFORE = a seed's SFT cache directory, AFTER = its run's
+final checkpoint `runs/quickstart-seedS/checkpoints/step_000200/model`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from tracerl.backends.hf import HFPolicy
+from tracerl.config import load_config
+from tracerl.evaluate import evaluate
+from tracerl.models.io import load_policy
+from tracerl.sft import build_env
+
+
+def answers(model_dir: str, env, tasks, cfg) -> list[float]:
+    model, tok = load_policy(Path(model_dir))
+    policy = HFPolicy(model, tok, "cpu", cfg.model.max_context)
+    _, trajs = evaluate(policy, env, tasks, cfg.rollout.max_turn_tokens, cfg.model.chat_template, cfg.rollout.batch_size)
+    by_id = {t.task.id: float(t.info.get("em", t.reward)) for t in trajs}
+    return [by_id[t.id] for t in tasks]
+
+
+def sign_test(up: int, down: int) -> float:
+    """Exact two-sided binomial test of up vs down flips at p = 1/2."""
+    n, k = up + down, min(up, down)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", nargs="+", required=True, help="BEFORE_DIR:AFTER_DIR model directories")
+    ap.add_argument("--split", default="validation")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("overrides", nargs="*", help="config overrides (the environment must be the runs' one)")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = load_config(None, args.overrides)
+    env = build_env(cfg)
+    tasks = env.tasks(args.split)
+    rows, total_up, total_down = [], 0, 0
+    for pair in args.pairs:
+        before_dir, after_dir = pair.split(":")
+        before, after = answers(before_dir, env, tasks, cfg), answers(after_dir, env, tasks, cfg)
+        up = sum(1 for b, a in zip(before, after) if a > b)
+        down = sum(1 for b, a in zip(before, after) if a < b)
+        total_up, total_down = total_up + up, total_down + down
+        rows.append({"before": before_dir, "after": after_dir, "n": len(tasks), "em_before": sum(before) / len(tasks),
+                     "em_after": sum(after) / len(tasks), "wrong_to_right": up, "right_to_wrong": down,
+                     "sign_test_p": sign_test(up, down)})
+    print("| pair | n | EM before | EM after | wrong → right | right → wrong | sign test p |")
+    print("|---|---|---|---|---|---|---|")
+    for i, r in enumerate(rows):
+        print(f"| {i} | {r['n']} | {r['em_before']:.3f} | {r['em_after']:.3f} | {r['wrong_to_right']} | "
+              f"{r['right_to_wrong']} | {r['sign_test_p']:.3f} |")
+    print(f"| pooled | {sum(r['n'] for r in rows)} | | | {total_up} | {total_down} | {sign_test(total_up, total_down):.4f} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"split": args.split, "pairs": rows, "pooled_up": total_up,
+                                              "pooled_down": total_down,
+                                              "pooled_p": sign_test(total_up, total_down)}, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
