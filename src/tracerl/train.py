@@ -36,6 +36,7 @@ from tracerl.checkpoint import (latest_checkpoint, load_optimizer, load_tensors,
 from tracerl.config import Config, ConfigError, dump_config, load_config
 from tracerl.distill import Distiller
 from tracerl.credit import CREDIT, CreditStep, TokenCredit, reweight_packed, write_samples
+from tracerl.credit.attention import SUPPORTED_MODEL_TYPES
 from tracerl.errors import CheckpointError, DataError, TracerlError
 from tracerl.evaluate import evaluate, summarize
 from tracerl.models.io import load_policy
@@ -142,6 +143,10 @@ class Trainer:
             self.ref_model, _ = load_policy(self.model_path, dtype=dtype)
             self.ref_model.to(cfg.run.device).eval().requires_grad_(False)
         self.policy = HFPolicy(self.model, self.tokenizer, cfg.run.device, cfg.model.max_context)
+        # The LM head may run at the trained positions only (logits = lm_head(last hidden state) exactly, as
+        # in the Llama / Qwen families): ~4 of 5 positions are prompt or observation tokens, never scored.
+        self.head_at_positions = (getattr(self.model.config, "model_type", None) in SUPPORTED_MODEL_TYPES
+                                  and self.model.get_output_embeddings() is not None)
         # The policy being optimised is the one that samples: softmax(logits / T). Log-probs of the
         # ratio, KL and entropy use the same temperature, so training stays on-policy at any T.
         self.temperature = cfg.rollout.temperature or 1.0
@@ -258,11 +263,19 @@ class Trainer:
                 for rows in by_len.split(mbs):
                     n = int(attn[rows].sum(-1).max())  # trim this micro-batch's padding
                     stats.setdefault("train_tokens", []).append(float(len(rows) * n))
-                    with torch.autocast(device_type=torch.device(cfg.run.device).type, dtype=torch.bfloat16,
-                                        enabled=cfg.trainer.bf16), self._tap(credit, rows):
-                        logits = self.model(input_ids=ids[rows, :n]).logits[:, :-1]
-                    logits = logits.float() / self.temperature
-                    logp = token_logprobs(logits, targets[rows, : n - 1])
+                    autocast = torch.autocast(device_type=torch.device(cfg.run.device).type, dtype=torch.bfloat16,
+                                              enabled=cfg.trainer.bf16)
+                    if dist is None and a.entropy_coef == 0 and self.head_at_positions:
+                        # only the log-probs of the sampled tokens are needed: no (B, n, V) logits
+                        logits = None
+                        with autocast, self._tap(credit, rows):
+                            logp = self._sampled_logprobs(ids[rows, :n], tmask[rows, : n - 1] > 0,
+                                                          targets[rows, : n - 1])
+                    else:
+                        with autocast, self._tap(credit, rows):
+                            logits = self.model(input_ids=ids[rows, :n]).logits[:, :-1]
+                        logits = logits.float() / self.temperature
+                        logp = token_logprobs(logits, targets[rows, : n - 1])
                     m, pm = tmask[rows, : n - 1], pg_mask[rows, : n - 1]
                     old = logp.detach() if old_logp is None else old_logp[rows, : n - 1]
                     row_adv = token_adv[rows, : n - 1]
@@ -455,6 +468,14 @@ class Trainer:
         out = self._finish_update(stats)
         out["train_tokens_per_leaf"] = float(sum(p.leaf_sequence_tokens for p in packs))
         return out
+
+    def _sampled_logprobs(self, ids: torch.Tensor, sel: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log π(targets) (B, n-1) at the positions `sel` (bool (B, n-1)), 0 elsewhere, with the LM head
+        run on those positions' last hidden states only (ids (B, n), targets (B, n-1))."""
+        hidden = self.model.get_decoder()(input_ids=ids).last_hidden_state[:, :-1]  # (B, n-1, H)
+        logits = self.model.get_output_embeddings()(hidden[sel]).float() / self.temperature  # (T, V)
+        lp = token_logprobs(logits[None], targets[sel][None])[0]
+        return torch.zeros(sel.shape, dtype=lp.dtype, device=lp.device).masked_scatter(sel, lp)
 
     def _tap(self, credit: CreditStep | None, rows: torch.Tensor):
         """Context of a policy forward over `rows`: token credit reads its attention (if any is due)."""
