@@ -124,3 +124,15 @@ def test_cli_compare(tmp_path, runs, capsys):
     assert "not a run directory" in capsys.readouterr().err
     with pytest.raises(TracerlError, match="is a directory"):
         write_comparison(runs[:1], tmp_path)
+
+
+def test_predictor_calibration_is_plotted_only_for_runs_that_have_a_predictor(tmp_path):
+    chains = fake_run(tmp_path, "chains", "uniform", "grpo", 0, 100, [0.1, 0.2, 0.3])
+    trace = fake_run(tmp_path, "trace", "trace", "tree_grpo", 0, 100, [0.1, 0.2, 0.3])
+    rows = [json.loads(x) for x in (trace / "metrics.jsonl").read_text().splitlines()]
+    (trace / "metrics.jsonl").write_text("".join(json.dumps({**r, "predictor_ece": 0.3 - 0.05 * r["step"]}) + "\n"
+                                                 for r in rows))
+    page = write_comparison([chains], tmp_path / "a.html").read_text()
+    assert "Success-predictor ECE" not in page  # no predictor: no empty chart
+    page = write_comparison([chains, trace], tmp_path / "b.html").read_text()
+    assert "Success-predictor ECE" in page

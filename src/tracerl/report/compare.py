@@ -94,6 +94,11 @@ def effective_ratio_curve(run: RunData, window: int = SMOOTH_STEPS) -> Points:
     return trailing_mean(series(with_cumulative_tokens(run.metrics), "effective_ratio", x=TOKENS), window)
 
 
+def predictor_ece_curve(run: RunData, window: int = SMOOTH_STEPS) -> Points:
+    """The success predictor's ECE on each step's new trees (allocators with a predictor only)."""
+    return trailing_mean(series(with_cumulative_tokens(run.metrics), "predictor_ece", x=TOKENS), window)
+
+
 def final_em(run: RunData) -> float | None:
     points = series(validation_rows(run), "em")
     return points[-1][1] if points else None
@@ -187,6 +192,7 @@ def build_comparison_charts(methods: list[Method]) -> list[Chart]:
         ("Validation EM vs generated tokens", "validation EM", em_curve),
         (f"Effective ratio ({SMOOTH_STEPS}-step mean) vs generated tokens", "effective ratio",
          effective_ratio_curve),
+        (f"Success-predictor ECE ({SMOOTH_STEPS}-step mean) vs generated tokens", "ECE", predictor_ece_curve),
     ]
     charts = []
     for title, y_label, curve in specs:
