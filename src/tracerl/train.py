@@ -278,6 +278,10 @@ class Trainer:
                         logp = token_logprobs(logits, targets[rows, : n - 1])
                     m, pm = tmask[rows, : n - 1], pg_mask[rows, : n - 1]
                     old = logp.detach() if old_logp is None else old_logp[rows, : n - 1]
+                    if logits is None and old_logp is not None:
+                        # the head-at-positions logp is 0 off the trained positions: keep the ratio at 1
+                        # there, or exp(0 - old) of a very unlikely observation token could overflow
+                        old = torch.where(m > 0, old, logp.detach())
                     row_adv = token_adv[rows, : n - 1]
                     if credit is not None:
                         row_adv = row_adv * credit.row_weights(rows.tolist(), n)[:, 1:].to(row_adv)
