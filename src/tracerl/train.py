@@ -324,25 +324,15 @@ class Trainer:
         return out
 
     # ---------------------------------------------------------------- packed trees (algo.dedup_prefix)
-    def _pack(self, trajs: list[Trajectory], adv: torch.Tensor,
-              token_weights: list[torch.Tensor] | None = None) -> list[PackedTree]:
-        """One packed sequence per tree: every shared node once, with the summed advantage of its leaves
-        (with token weights: Σ_ℓ A_ℓ·w_ℓ(t) per token, the per-leaf gradient at ratio 1)."""
-        trees: dict[tuple[int, int], RolloutTree] = {}
-        leaf_adv: dict[tuple[int, int], dict[int, float]] = {}
-        leaf_w: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
-        for i, (t, v) in enumerate(zip(trajs, adv.tolist())):
-            key = (t.tree.group, t.tree.index)
-            trees[key] = t.tree
-            leaf_adv.setdefault(key, {})[t.node] = v
-            if token_weights is not None:
-                leaf_w.setdefault(key, {})[t.node] = token_weights[i][torch.tensor(t.loss_mask, dtype=torch.bool)]
-        packs = [pack_tree(trees[k], leaf_adv[k]) for k in sorted(leaf_adv)]
-        for k, p in zip(sorted(leaf_adv), packs):
-            if k in leaf_w:
-                index = {leaf: p.leaf_index(trees[k], leaf) for leaf in leaf_w[k]}
-                p.coef = reweight_packed(p.coef, index, leaf_adv[k], leaf_w[k])
-        return packs
+    def _pack(self, trajs: list[Trajectory], adv: torch.Tensor) -> tuple[list[PackedTree], list[list[int]]]:
+        """One packed sequence per tree: every shared node once, with the summed advantage of its leaves;
+        also, per pack, the indices of its leaves in `trajs`."""
+        members: dict[tuple[int, int], list[int]] = {}
+        for i, t in enumerate(trajs):
+            members.setdefault((t.tree.group, t.tree.index), []).append(i)
+        rows = [members[k] for k in sorted(members)]
+        packs = [pack_tree(trajs[r[0]].tree, {trajs[i].node: float(adv[i]) for i in r}) for r in rows]
+        return packs, rows
 
     def _packed_chunks(self, packs: list[PackedTree]) -> list[list[int]]:
         """Micro-batches of packed trees holding at most micro_batch_size leaves (at least one tree)."""
@@ -379,16 +369,11 @@ class Trainer:
         return out
 
     def _packed_credit(self, trajs: list[Trajectory], adv: torch.Tensor, packs: list[PackedTree],
-                       credit: CreditStep):
+                       rows: list[list[int]], credit: CreditStep):
         """Token credit read from the packed forwards themselves: (tap, weigh). `tap(pack indices)` is
         the context of a forward over those packs (batch rows in that order): it weighs their pending
         leaves from the maps of each leaf's own tokens. `weigh(pack indices)` then sets those packs'
-        coefficients to Σ_ℓ A_ℓ·w_ℓ(t), once per pack."""
-        keys = sorted({(t.tree.group, t.tree.index) for t in trajs})  # the order of `_pack`
-        members: dict[tuple[int, int], list[int]] = {k: [] for k in keys}
-        for i, t in enumerate(trajs):
-            members[(t.tree.group, t.tree.index)].append(i)
-        rows = [members[k] for k in keys]
+        coefficients to Σ_ℓ A_ℓ·w_ℓ(t), once per pack. `rows[k]`: pack k's leaves in `trajs`."""
         base = [p.coef for p in packs]
         done: set[int] = set()
 
@@ -422,8 +407,8 @@ class Trainer:
         pg_fn = POLICY_LOSSES.get(a.policy_loss)
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr_at(step)
-        packs = self._pack(trajs, adv)
-        tap, weigh = self._packed_credit(trajs, adv, packs, credit) if credit is not None else (None, None)
+        packs, rows = self._pack(trajs, adv)
+        tap, weigh = self._packed_credit(trajs, adv, packs, rows, credit) if credit is not None else (None, None)
         reuse_old = cfg.trainer.ppo_epochs == 1 and cfg.trainer.mini_batches == 1
         old_logp = None if reuse_old else self._packed_logprobs(self.model, packs, tap)
         ref_logp = self._packed_logprobs(self.ref_model, packs) if self.ref_model is not None else None
