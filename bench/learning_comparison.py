@@ -34,7 +34,7 @@ METHODS = {
              "rollout.expansions=2", "rollout.rounds=1"],
     "tree-grpo-adv": ["rollout.allocator=tree_grpo", "algo.advantage=grpo", "rollout.trees_per_prompt=2",
                       "rollout.expansions=2", "rollout.rounds=1"],
-    # TRACE (configs/trace.yaml): predictor-guided Stage 1 root counts over a 2x pool + Stage 2 continuations
+    # TRACE (configs/trace.yaml): predictor-guided Stage 1 root counts over a 4x pool + Stage 2 continuations in 2 rounds
     "trace": ["--config", "configs/trace.yaml"],
     "tree-treepo": ["rollout.allocator=tree_grpo", "algo.advantage=treepo", "rollout.trees_per_prompt=2",
                     "rollout.expansions=2", "rollout.rounds=1"],

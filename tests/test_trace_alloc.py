@@ -169,8 +169,9 @@ def test_budgeted_allocators_charge_what_they_generate(tiny_policy, small_env, w
             assert [t.task.id for t in trees] == [tasks[1].id] and len(trees[0].root.children) == 8
         if name == "trace":
             M = root_rollouts(ctx.rollout, ctx.alloc)
-            assert c.trajectories - c.continuations == M + ctx.metrics["stage2_leftover"]
-            assert c.continuations + ctx.metrics["stage2_leftover"] == M * ctx.alloc.continuations
+            left, restarts = ctx.metrics["stage2_leftover"], ctx.metrics["stage2_restarts"]
+            assert c.trajectories - c.continuations == M + left + restarts  # bare: Stage 1, root restarts, leftover
+            assert c.continuations + left + restarts == M * ctx.alloc.continuations
             assert all(len(t.root.children) == 1 for t in trees)  # one bare rollout per tree
             for t in trees:  # at most cap_anchor continuations per prefix
                 assert all(len(n.children) <= 1 + ctx.alloc.cap_anchor for n in t.nodes.values() if n.id)

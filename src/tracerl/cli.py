@@ -306,13 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--trees", "-M", type=int, default=2, help="M: Tree-GRPO trees per prompt (default 2)")
     m.add_argument("--expansions", "-N", type=int, default=2,
                    help="N: continuations per seed chain per round (tree_grpo) or per bare rollout (trace)")
-    m.add_argument("--pool-factor", type=int, default=4, help="PCL scores pool-factor x B prompts (default 4)")
+    m.add_argument("--pool-factor", type=int, default=4, help="PCL and TRACE score pool-factor x B prompts (default 4)")
     m.add_argument("--predictor-noise", type=float, default=0.5, help="sigma on the predicted logit (default 0.5)")
     m.add_argument("--oracle", action="store_true", help="the predictor returns the true success probability")
     m.add_argument("--budget", type=int, default=0,
                    help="generated tokens per batch (default: G chains for each of B prompts, in expectation)")
     m.add_argument("--explore", type=float, default=0.1, help="TRACE exploration share of root rollouts (default 0.1)")
     m.add_argument("--root-solver", default="dp", choices=("dp", "greedy"), help="TRACE Stage 1 solver")
+    m.add_argument("--rounds", type=int, default=2,
+                   help="TRACE Stage 2 rounds: continuation budget in slices, anchors re-scored after each (default 2)")
+    m.add_argument("--stage2-root", action=argparse.BooleanOptionalAction, default=True,
+                   help="TRACE Stage 2 may restart a prompt from its root (default: on)")
     m.add_argument("--batches", type=int, default=10, help="batches per seed (default 10)")
     m.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     m.add_argument("--seeds", type=int, default=1, help="number of seeds, from --seed on (default 1)")

@@ -108,6 +108,8 @@ class AllocConfig(Section):
     continuation_fraction: float = Field(0.5, gt=0, le=2, description="trace: expected generated tokens of a continuation / of a bare chain (f), only used to size the default M.")
     cap_root: int = Field(16, ge=2, description="trace / knapsack: most bare rollouts per prompt (Stage 1 counts are 0 or 2..cap_root).")
     cap_anchor: int = Field(4, ge=1, description="trace: most continuations per prefix (Stage 2).")
+    rounds: int = Field(2, ge=1, description="trace: Stage 2 in this many slices, anchors re-scored after each (prefixes already mixed get no more).")
+    stage2_root: bool = Field(True, description="trace: Stage 2 may also restart a prompt whose leaves all share one outcome from its root (a new bare rollout).")
     root_solver: Literal["dp", "greedy"] = Field("dp", description="trace: Stage 1 solver (dp = exact, greedy = activation items then increments).")
     epsilon: float = Field(0.1, ge=0, le=1, description="trace: share of the bare rollouts that go, 2 each, to uniformly drawn pool prompts (exploration).")
     dapo_rounds: int = Field(3, ge=1, description="dapo: most generation rounds (groups of G for the prompts still missing a mixed group).")

@@ -197,16 +197,66 @@ def stage1_counts(v: list[float] | None, n_pool: int, budget: int, cap: int, eps
     return counts
 
 
+def _stage2(ctx: AllocationContext, by_prompt: list[list[RolloutTree]], totals: list[int],
+            root_v: list[float]) -> tuple[list[int], int]:
+    """Stage 2 (§4.3): prompt i places totals[i] continuations in `alloc.rounds` slices. Each slice scores
+    the prompt's non-leaf prefixes (continuations' ones included) whose leaves all share one outcome r
+    (prefixes already mixed gain nothing more) with p = Ṽ(prefix), one predictor call per slice, and
+    places its share by the exact greedy (at most cap_anchor per prefix). With `alloc.stage2_root` the
+    prompt itself is one more anchor (r = the common outcome of all its leaves, p = its root value): a
+    continuation there is a new bare rollout. What a slice cannot place carries to the next; returns
+    (per-prompt leftover after the last slice, bare rollouts added as root continuations)."""
+    a, eng, rng = ctx.alloc, ctx.engine, ctx.rng
+    warm = ctx.predictor is not None and ctx.predictor.warm
+    carry, restarted = [0] * len(by_prompt), 0
+    for r in range(a.rounds):
+        anchors: list[list[tuple[RolloutTree | None, int, int]]] = []  # per prompt: (tree | None = root, node, r)
+        for ts in by_prompt:
+            for t in ts:
+                t.update_stats()
+            nodes = [(t, n.id, int(n.successes > 0)) for t in ts for n in t.nodes.values()
+                     if n.id and not n.done and n.leaves and not n.mixed]
+            leaves, wins = sum(t.root.leaves for t in ts), sum(t.root.successes for t in ts)
+            if a.stage2_root and leaves and not 0 < wins < leaves:
+                nodes.append((None, 0, int(wins > 0)))
+            rng.shuffle(nodes)
+            anchors.append(nodes)
+        prefixes = [NodeRef(t, n) for nodes in anchors for t, n, _ in nodes if t is not None]
+        p = iter(ctx.predictor.predict(prefixes) if warm and prefixes else [0.5] * len(prefixes))
+        jobs, roots = [], [0] * len(by_prompt)
+        for i, nodes in enumerate(anchors):
+            k = totals[i] // a.rounds + (r < totals[i] % a.rounds) + carry[i]
+            scored = [(o, root_v[i] if t is None else next(p)) for t, _, o in nodes]
+            plan = prefix_allocate_greedy(scored, k, a.cap_anchor)
+            carry[i] = plan.leftover
+            for (t, n, _), K in zip(nodes, plan.counts):
+                if t is None:
+                    roots[i] += K
+                else:
+                    jobs += [(t, n)] * K
+        if jobs:
+            eng.grow(jobs, continuation=True)
+        new = []
+        for i, n in enumerate(roots):
+            if n:
+                more = eng.more_trees(by_prompt[i][0], n, len(by_prompt[i]))
+                by_prompt[i] += more
+                new += more
+        if new:
+            eng.grow([(t, 0) for t in new])
+        restarted += len(new)
+    return carry, restarted
+
+
 @ALLOCATORS.register("trace")
 @uses_predictor
 def trace(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
     """TRACE (§4.1–4.3). Stage 1: M bare rollouts over a pool of ceil(pool_factor·B) prompts (the batch
     first) by the exact DP on predicted root values (ε share to random pool prompts); each bare rollout
-    seeds its own tree. Stage 2, per prompt: m_i·N continuations over the non-leaf prefixes of its
-    bare rollouts by the exact greedy on q = r·p + (1 − r)(1 − p) (r the chain's outcome, p the
-    prefix's predicted value), at most cap_anchor per prefix; what finds no prefix becomes extra bare
-    rollouts of that prompt. Cold start (predictor not warm): uniform Stage 1 and p ≡ 0.5 in Stage 2
-    (anchors shuffled, so ties are random)."""
+    seeds its own tree. Stage 2 (`_stage2`), per prompt: m_i·N continuations in `alloc.rounds` slices
+    over its prefixes whose leaves share one outcome, by the exact greedy on q = r·p + (1 − r)(1 − p);
+    what finds no prefix becomes extra bare rollouts of that prompt. Cold start (predictor not warm):
+    uniform Stage 1 and p ≡ 0.5 in Stage 2 (anchors shuffled, so ties are random)."""
     a, eng, rng, B = ctx.alloc, ctx.engine, ctx.rng, len(tasks)
     M = root_rollouts(ctx.rollout, a)
     pool = list(tasks) + ctx.more_tasks(pool_size(ctx.rollout, a) - B)
@@ -222,27 +272,8 @@ def trace(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
             t.hidden[0] = roots[active[t.group]].hidden[0]
     eng.grow([(t, 0) for t in trees])
 
-    # Stage 2: one predictor call for every prefix of every chain
-    anchors: list[list[tuple[RolloutTree, int, int]]] = []  # per prompt: (tree, node, chain outcome)
-    for ts in by_prompt:
-        nodes = []
-        for t in ts:
-            r = int(any((t.nodes[leaf].reward or 0.0) > 0 for leaf in t.leaf_ids()))
-            nodes += [(t, n.id, r) for n in t.nodes.values() if n.id and not n.done]
-        rng.shuffle(nodes)
-        anchors.append(nodes)
-    flat = [x for nodes in anchors for x in nodes]
-    warm = ctx.predictor is not None and ctx.predictor.warm
-    p = ctx.predictor.predict([NodeRef(t, n) for t, n, _ in flat]) if warm and flat else [0.5] * len(flat)
-    jobs, leftover, k = [], [], 0
-    for i, nodes in enumerate(anchors):
-        plan = prefix_allocate_greedy([(r, p[k + j]) for j, (_, _, r) in enumerate(nodes)],
-                                      counts[active[i]] * a.continuations, a.cap_anchor)
-        k += len(nodes)
-        jobs += [(t, n) for (t, n, _), K in zip(nodes, plan.counts) for _ in range(K)]
-        leftover.append(plan.leftover)
-    if jobs:
-        eng.grow(jobs, continuation=True)
+    root_v = [0.5] * len(active) if v is None else [v[i] for i in active]
+    leftover, restarts = _stage2(ctx, by_prompt, [counts[i] * a.continuations for i in active], root_v)
     extra = []
     for i, n in enumerate(leftover):
         new = eng.more_trees(by_prompt[i][0], n, len(by_prompt[i])) if n else []
@@ -250,8 +281,7 @@ def trace(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
         extra += new
     if extra:
         eng.grow([(t, 0) for t in extra])
-    values = [0.5] * len(active) if v is None else [v[i] for i in active]
-    topped = _top_up(ctx, by_prompt, values, ctx.step_budget(B), tree_per_chain=True)
-    ctx.metrics.update(stage2_leftover=float(sum(leftover)), budget_chains=float(topped),
+    topped = _top_up(ctx, by_prompt, root_v, ctx.step_budget(B), tree_per_chain=True)
+    ctx.metrics.update(stage2_leftover=float(sum(leftover)), stage2_restarts=float(restarts), budget_chains=float(topped),
                        explore_rollouts=float(min(2 * int(a.epsilon * M / 2), 2 * len(pool)) if v is not None else 0))
     return [t for ts in by_prompt for t in ts]

@@ -144,32 +144,52 @@ def knapsack(world, prompts, budget, cfg) -> list[SimTree]:
     return [t for t in trees if len(t) > 1]
 
 
+def _outcomes_below(tree: SimTree) -> list[set[int]]:
+    """The set of leaf rewards below each node (a leaf's own reward included)."""
+    out: list[set[int]] = [set() for _ in range(len(tree))]
+    for leaf in tree.leaves():
+        node = leaf
+        while node >= 0:
+            out[node].add(tree.reward[leaf])
+            node = tree.parent[node]
+    return out
+
+
 def _stage2(trees: list[SimTree], counts: list[int], budget: TokenBudget, cfg: SimConfig) -> list[int]:
-    """Stage 2 (§4.3) per prompt over the non-leaf prefixes of its bare rollouts, m_i·N continuations;
-    all prompts' continuations run in order of decreasing gain. Returns each prompt's leftover."""
-    jobs, leftovers = [], []
-    for i, (t, m) in enumerate(zip(trees, counts)):
-        nodes = [n for n in range(1, len(t)) if not t.done[n]]
-        chain_reward = {t.branch[leaf]: t.reward[leaf] for leaf in t.leaves()}
-        anchors = [(chain_reward[t.branch[n]], t.pred[n]) for n in nodes]
-        k, left = prefix_allocate_greedy(anchors, m * cfg.expansions, cfg.anchor_cap)
-        jobs += [(-gain, i, nodes[j]) for gain, j in expansion_gains(anchors, k)]
-        leftovers.append(left)
-    for _, i, node in sorted(jobs):
-        if budget.grow(trees[i], node, branch=trees[i].branch[node]) is None:
-            break
-    return leftovers
+    """Stage 2 (§4.3) per prompt, m_i·N continuations in `cfg.rounds` slices. In each slice the anchors are
+    the prompt's non-leaf prefixes (continuations' ones included; the root too with `stage2_root`)
+    whose leaves all share one outcome r, scored with Ṽ at the prefix; an anchor whose leaves are
+    already mixed gains nothing more. All prompts' continuations of a slice run in order of decreasing
+    gain. What a prompt cannot place (too few anchors) carries to its next slice; returns what is left
+    after the last."""
+    totals = [m * cfg.expansions for m in counts]
+    carry = [0] * len(trees)
+    first = 0 if cfg.stage2_root else 1
+    for r in range(cfg.rounds):
+        jobs = []
+        for i, (t, total) in enumerate(zip(trees, totals)):
+            k = total // cfg.rounds + (r < total % cfg.rounds) + carry[i]
+            below = _outcomes_below(t)
+            nodes = [n for n in range(first, len(t)) if not t.done[n] and len(below[n]) == 1]
+            anchors = [(next(iter(below[n])), t.pred[n]) for n in nodes]
+            plan, carry[i] = prefix_allocate_greedy(anchors, k, cfg.anchor_cap)
+            jobs += [(-gain, i, nodes[j]) for gain, j in expansion_gains(anchors, plan)]
+        for _, i, node in sorted(jobs):
+            branch = trees[i].root_chains if node == 0 else trees[i].branch[node]
+            if budget.grow(trees[i], node, branch=branch) is None:
+                return carry
+    return carry
 
 
 @SIM_ALLOCATORS.register("trace")
 def trace(world, prompts, budget, cfg) -> list[SimTree]:
     """TRACE (§4.1–4.3): root budget M = C / (1 + N·f) bare rollouts (C = budget in chain-equivalents);
-    a pool of P = M/2 prompts scored by the predictor; 2⌊εM/2⌋ rollouts to random pool prompts, 2 each,
-    the rest split by the Stage 1 solver; then Stage 2 with the chains' outcomes and predicted prefix
-    values; Stage 2 leftovers become root chains of their prompt, the rest of the budget root chains
-    by Stage 1 marginal gain."""
+    a pool of pool_factor·B prompts (as PCL) scored by the predictor; 2⌊εM/2⌋ rollouts to random pool
+    prompts, 2 each, the rest split by the Stage 1 solver; then Stage 2 in `rounds` slices with the
+    observed outcomes and predicted prefix values; Stage 2 leftovers become root chains of their
+    prompt, the rest of the budget root chains by Stage 1 marginal gain."""
     root_m = max(2, round(_chain_equivalents(budget, cfg) / (1 + cfg.expansions * cfg.continuation_fraction)))
-    pool = prompts.take(0, max(1, root_m // 2))
+    pool = prompts.take(0, cfg.pool_factor * cfg.prompts)
     n_explore = min(2 * int(cfg.explore * root_m / 2), 2 * len(pool))
     explored = set(world.rng.sample(range(len(pool)), n_explore // 2))
     rest = [i for i in range(len(pool)) if i not in explored]

@@ -34,7 +34,7 @@ class SimConfig:
     group_size: int = 8  # G: chains per prompt (uniform, dapo, pcl); sets the default budget
     trees: int = 2  # M: Tree-GRPO trees per prompt
     expansions: int = 2  # N: continuations per seed chain per round (tree_grpo) / per bare rollout (trace)
-    pool_factor: int = 4  # PCL scores a pool of pool_factor·B prompts
+    pool_factor: int = 4  # PCL and TRACE score a pool of pool_factor·B prompts
     predictor_noise: float = 0.5  # σ on the logit of the predicted success probability
     oracle: bool = False  # the predictor returns the true V
     budget: int = 0  # generated tokens per batch (0: G chains for each of B prompts, in expectation)
@@ -42,6 +42,8 @@ class SimConfig:
     anchor_cap: int = 4  # Stage 2 cap per prefix (§4.3)
     explore: float = 0.1  # TRACE: 2⌊εM/2⌋ rollouts go to random pool prompts, 2 each (§4.2)
     root_solver: str = "dp"  # TRACE Stage 1 solver: dp | greedy
+    rounds: int = 2  # TRACE Stage 2 rounds: the continuation budget in R slices, anchors re-scored after each
+    stage2_root: bool = True  # TRACE Stage 2 may also restart a prompt from its root (a new bare chain)
     dapo_rounds: int = 3  # DAPO: generation rounds at most
     continuation_fraction: float = 0.5  # f assumed by TRACE to size its root budget M = C / (1 + N·f)
 
@@ -55,7 +57,7 @@ class SimConfig:
             "pool_factor ≥ 1": self.pool_factor >= 1, "predictor_noise ≥ 0": self.predictor_noise >= 0,
             "budget ≥ 0": self.budget >= 0, "root_cap ≥ 2": self.root_cap >= 2, "anchor_cap ≥ 0": self.anchor_cap >= 0,
             "0 ≤ explore < 1": 0 <= self.explore < 1, "root_solver dp or greedy": self.root_solver in ("dp", "greedy"),
-            "dapo_rounds ≥ 1": self.dapo_rounds >= 1, "continuation_fraction > 0": self.continuation_fraction > 0,
+            "dapo_rounds ≥ 1": self.dapo_rounds >= 1, "rounds ≥ 1": self.rounds >= 1, "continuation_fraction > 0": self.continuation_fraction > 0,
         }
         bad = [msg for msg, ok in checks.items() if not ok]
         if bad:
