@@ -2,7 +2,7 @@
 
     tracerl train [--config configs/quickstart.yaml] [section.key=value ...]
     tracerl train --resume runs/quickstart
-    tracerl sft [--config ...]                      # tiny preset warm start (cached)
+    tracerl sft [--config ...]                      # SFT warm start (cached; pretrained: sft.pretrained=true)
     tracerl eval runs/quickstart --split test       # run dir, checkpoint dir or model dir
     tracerl eval preset --config configs/real_qa_smollm2.yaml --split test --out runs/base  # before RL
     tracerl serve-retriever --corpus corpus.jsonl   # Search-R1-compatible BM25 server on 127.0.0.1:8000
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=1e-5")
     t.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("sft", help="build the tiny preset's warm start (cached)")
+    s = sub.add_parser("sft", help="build the SFT warm start (tiny preset; pretrained ones with sft.pretrained=true), cached")
     s.add_argument("--config")
     s.add_argument("--force", action="store_true", help="retrain even if cached")
     s.add_argument("overrides", nargs="*")

@@ -65,6 +65,7 @@ class ModelConfig(Section):
 
 class SFTConfig(Section):
     enabled: bool = Field(True, description="Warm-start the tiny preset by SFT on noisy oracle demonstrations (cached).")
+    pretrained: bool = Field(False, description="Also warm-start a pretrained policy (smollm2-135m, path) by SFT on the environment's demonstrations, keeping its tokenizer (use a small sft.lr, e.g. 1e-5).")
     demos: int = Field(3000, ge=1, description="Number of oracle demonstrations (drawn from the train split).")
     useless_search: float = Field(0.3, ge=0, le=1, description="Probability a demo contains one useless search.")
     wrong_answer: float = Field(0.15, ge=0, le=1, description="Probability a demo ends with a wrong answer.")

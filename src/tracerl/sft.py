@@ -1,8 +1,11 @@
-"""Warm start of the tiny preset: a BPE tokenizer trained on the world's text and supervised
-fine-tuning on noisy oracle demonstrations, cached by a hash of everything that shapes the result.
+"""Warm starts by supervised fine-tuning on noisy oracle demonstrations, cached by a hash of everything
+that shapes the result.
 
-The demonstrations are tokenized by the rollout engine's own path (`replay_turns`), so the SFT model
-sees exactly the token layout it will later sample in.
+The tiny preset gets a BPE tokenizer trained on the world's text and a model built from its config.
+A pretrained policy (`smollm2-135m` or a model path) keeps its tokenizer and weights and is fine-tuned
+on the environment's demonstrations when `sft.pretrained` is on (off by default: pretrained policies
+start RL as shipped). Either way the demonstrations are tokenized by the rollout engine's own path
+(`replay_turns`), so the SFT model sees exactly the token layout it will later sample in.
 """
 
 from __future__ import annotations
@@ -16,32 +19,51 @@ from pathlib import Path
 
 import torch
 
-from tracerl.config import Config
+from tracerl.config import Config, ConfigError
 from tracerl.envs import make_env
 from tracerl.envs.base import Environment
 from tracerl.errors import DataError
-from tracerl.models.io import atomic_save_pretrained, cache_dir, file_lock
+from tracerl.models.io import atomic_save_pretrained, cache_dir, file_lock, load_policy
 from tracerl.models.tiny import build_tiny_model, train_tokenizer
 from tracerl.rollout import replay_turns
 
 SFT_VERSION = 1  # bump when the recipe changes so old caches are not reused
 
 
+def uses_sft(cfg: Config) -> bool:
+    """Whether the initial policy is an SFT warm start (tiny: sft.enabled; pretrained: sft.pretrained)."""
+    return cfg.sft.enabled if cfg.model.preset == "tiny" else cfg.sft.pretrained
+
+
+def _base_model(cfg: Config) -> Path:
+    """The pretrained policy an SFT of a non-tiny preset starts from."""
+    if cfg.model.preset == "smollm2-135m":
+        from tracerl.models.smollm2 import smollm2_path
+
+        return smollm2_path()
+    return Path(cfg.model.path).resolve()
+
+
 def sft_key(cfg: Config) -> str:
     m = cfg.model
     sft = cfg.sft.model_dump(mode="json")
-    if not sft["rl_share"]:  # added later: at its neutral value it stays out, so older caches stay valid
-        del sft["rl_share"]
-    payload = {
-        "v": SFT_VERSION, "env": cfg.env.model_dump(mode="json"), "sft": sft,
-        "model": {k: getattr(m, k) for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size")},
-        "chat_template": m.chat_template,
-    }
+    for key, neutral in (("rl_share", 0.0), ("pretrained", False)):  # added later: at their neutral values
+        if sft[key] == neutral:  # they stay out, so older caches stay valid
+            del sft[key]
+    if m.preset == "tiny":
+        model = {k: getattr(m, k) for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size")}
+    else:  # a pretrained base: which one, and how its demos are cut
+        base = _base_model(cfg) if m.preset == "path" else None
+        model = {"preset": m.preset, "path": str(base) if base else None, "max_context": m.max_context,
+                 "weights_mtime": max((f.stat().st_mtime_ns for f in base.glob("*.safetensors")), default=0) if base else 0}
+    payload = {"v": SFT_VERSION, "env": cfg.env.model_dump(mode="json"), "sft": sft, "model": model,
+               "chat_template": m.chat_template}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def sft_dir(cfg: Config) -> Path:
-    return cache_dir() / "sft" / f"tiny-{sft_key(cfg)}"
+    prefix = "tiny" if cfg.model.preset == "tiny" else cfg.model.preset
+    return cache_dir() / "sft" / f"{prefix}-{sft_key(cfg)}"
 
 
 def build_env(cfg: Config) -> Environment:
@@ -109,7 +131,10 @@ def _collate(rows, pad_id: int):
 
 
 def run_sft(cfg: Config, force: bool = False, log=print) -> Path:
-    """Train (or reuse) the tiny warm-start model; returns the cached model directory."""
+    """Train (or reuse) the warm-start model of cfg's preset; returns the cached model directory."""
+    if cfg.model.preset != "tiny" and not cfg.sft.pretrained:
+        raise ConfigError(f"model.preset={cfg.model.preset} is pretrained: set sft.pretrained=true to fine-tune it "
+                          "on the environment's demonstrations (and a small sft.lr, e.g. 1e-5)")
     out = sft_dir(cfg)
     with file_lock(out.parent / f".{out.name}.lock"):  # one trainer per key; the others wait and reuse
         if (out / "sft_meta.json").is_file() and not force:
@@ -121,12 +146,20 @@ def _train_sft(cfg: Config, out: Path, log) -> Path:
     t0 = time.time()
     env = build_env(cfg)
     demos = _demos(env, cfg)
-    tokenizer = train_tokenizer(_corpus(env, demos), vocab_size=cfg.model.vocab_size)
     m = cfg.model
     torch.manual_seed(cfg.sft.seed)
-    model = build_tiny_model(tokenizer, hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
-                             num_kv_heads=m.num_kv_heads, max_position_embeddings=max(m.max_context, 1024),
-                             seed=cfg.sft.seed)
+    if m.preset == "tiny":
+        tokenizer = train_tokenizer(_corpus(env, demos), vocab_size=m.vocab_size)
+        model = build_tiny_model(tokenizer, hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+                                 num_kv_heads=m.num_kv_heads, max_position_embeddings=max(m.max_context, 1024),
+                                 seed=cfg.sft.seed)
+    else:
+        base = _base_model(cfg)
+        log(f"SFT of the pretrained policy at {base} (lr {cfg.sft.lr:g}"
+            + ("; that is high for a pretrained model, 1e-5 is typical)" if cfg.sft.lr > 1e-4 else ")"))
+        model, tokenizer = load_policy(base)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
     rows = []
     for task, turns in demos:
         traj = replay_turns(tokenizer, env, task, turns, m.chat_template)

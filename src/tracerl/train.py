@@ -44,12 +44,12 @@ from tracerl.packing import PackedTree, batch_packed, pack_tree
 from tracerl.rollout import RolloutCost, RolloutEngine, Trajectory, leaf_trajectories
 from tracerl.tree import RolloutTree, mixed_anchors, write_jsonl
 from tracerl.runlog import Progress, RunLogger
-from tracerl.sft import build_env, run_sft, split_train
+from tracerl.sft import build_env, run_sft, split_train, uses_sft
 
 
 def resolve_model_path(cfg: Config, log=print) -> Path:
     """Where the initial policy comes from: the SFT cache, the converted SmolLM2, or a user path."""
-    if cfg.model.preset == "tiny":
+    if cfg.model.preset == "tiny" or uses_sft(cfg):
         return run_sft(cfg, log=log)
     if cfg.model.preset == "smollm2-135m":
         from tracerl.models.smollm2 import smollm2_path
@@ -105,7 +105,7 @@ class Trainer:
         self.val_tasks = self.env.tasks("validation")[: cfg.trainer.eval_size]
         if not self.train_tasks:
             raise DataError(f"train split of environment {self.env.name!r} is empty")
-        if cfg.model.preset == "tiny" and cfg.sft.enabled:  # RL on the questions the warm start did not see
+        if uses_sft(cfg):  # RL on the questions the warm start did not see
             self.train_tasks = split_train(self.train_tasks, cfg.sft.rl_share, cfg.env.seed)[1]
         self._setup_model()
         self.credit = TokenCredit(cfg.credit, self.model, self.tokenizer, cfg.run.seed)  # identity unless credit.name is set
