@@ -42,7 +42,7 @@ def tiny_policy(small_env):
     from tracerl.sft import _corpus
 
     rng = random.Random(0)
-    demos = [(t, small_env.oracle_turns(t, rng, {})) for t in small_env.tasks("train")[:60]]
+    demos = [(t, small_env.oracle_turns(t, rng, {}), None) for t in small_env.tasks("train")[:60]]
     tok = train_tokenizer(_corpus(small_env, demos), vocab_size=600)
     model = build_tiny_model(tok, hidden_size=64, num_layers=2, seed=0).eval()
     return HFPolicy(model, tok, "cpu", max_context=512)

@@ -41,7 +41,7 @@ def test_demos_only_use_sft_questions_and_the_cache_key_tracks_the_share(train_t
     _, rl = split_train(train_tasks, 0.5, seed=0)
     rl_ids = {t.id for t in rl}
     demos = _demos(env, cfg)
-    assert len(demos) == 400 and not any(task.id in rl_ids for task, _ in demos)
+    assert len(demos) == 400 and not any(task.id in rl_ids for task, _, _ in demos)
     base = load_config(None, [])
     assert sft_key(cfg) != sft_key(base)
     assert sft_key(load_config(None, ["sft.rl_share=0"])) == sft_key(base)
@@ -62,3 +62,30 @@ def test_trainer_draws_rl_prompts_only_from_the_held_out_share(tmp_path):
     trees, _ = tr.rollout(0)
     assert {t.task.id for t in trees} <= {t.id for t in rl}
 
+
+
+def test_teacher_share_demos_carry_the_private_note_and_the_right_answer():
+    from tracerl.distill.teacher import NotedEnv
+    from tracerl.rollout import replay_turns
+
+    env = make_env("multihop", seed=0, max_turns=4, top_k=2)
+    cfg = load_config(None, ["sft.teacher_share=0.3", "sft.demos=300", "sft.wrong_answer=1.0"])
+    demos = _demos(env, cfg)
+    noted = [d for d in demos if d[2] is not None]
+    assert 0.2 < len(noted) / len(demos) < 0.4
+    for task, turns, note in noted:  # wrong_answer=1 makes every plain demo wrong, never a noted one
+        assert note.startswith("Private reference") and task.answers[0] in note
+        assert turns[-1].endswith(f"<answer>{task.answers[0]}</answer>")
+    assert all(not turns[-1].endswith(f"<answer>{task.answers[0]}</answer>") for task, turns, note in demos if note is None)
+    # the note reaches the tokens the model is trained on; the response part is unchanged
+    from tracerl.models.tiny import train_tokenizer
+    from tracerl.sft import _corpus
+
+    tok = train_tokenizer(_corpus(env, demos[:60]), vocab_size=600)
+    task, turns, note = noted[0]
+    plain, with_note = replay_turns(tok, env, task, turns, "auto"), replay_turns(tok, NotedEnv(env, note), task, turns, "auto")
+    assert len(with_note.token_ids) > len(plain.token_ids) and note in tok.decode(with_note.token_ids)
+    assert with_note.token_ids[-sum(plain.loss_mask):] == plain.token_ids[-sum(plain.loss_mask):]
+    # the neutral value leaves the cache key (and so every existing warm start) alone
+    assert sft_key(load_config(None, ["sft.teacher_share=0"])) == sft_key(load_config(None, []))
+    assert sft_key(cfg) != sft_key(load_config(None, ["sft.demos=300", "sft.wrong_answer=1.0"]))

@@ -74,6 +74,7 @@ class SFTConfig(Section):
     lr: float = Field(5e-3, gt=0, description="SFT peak learning rate (cosine decay, 5% warm-up).")
     seed: int = Field(0, description="Seed of demo noise, init and data order for SFT.")
     rl_share: float = Field(0.0, ge=0, lt=1, description="Share of the train questions kept out of the SFT demos; RL then draws its prompts only from them (0 = SFT and RL share every train question).")
+    teacher_share: float = Field(0.0, ge=0, lt=1, description="Share of the demos shown with the distillation teacher's private note (reference answer or solution, an assessment label) ahead of the prompt, always answered correctly, so the warm start can serve as its own privileged teacher (distill.mode); 0 = none.")
 
 
 class RolloutConfig(Section):

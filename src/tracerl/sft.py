@@ -25,6 +25,8 @@ from tracerl.envs.base import Environment
 from tracerl.errors import DataError
 from tracerl.models.io import atomic_save_pretrained, cache_dir, file_lock, load_policy
 from tracerl.models.tiny import build_tiny_model, train_tokenizer
+from tracerl.distill.annotate import ERROR_LABELS, KEY_LABELS
+from tracerl.distill.teacher import NotedEnv, privileged_note
 from tracerl.rollout import replay_turns
 
 SFT_VERSION = 1  # bump when the recipe changes so old caches are not reused
@@ -47,7 +49,7 @@ def _base_model(cfg: Config) -> Path:
 def sft_key(cfg: Config) -> str:
     m = cfg.model
     sft = cfg.sft.model_dump(mode="json")
-    for key, neutral in (("rl_share", 0.0), ("pretrained", False)):  # added later: at their neutral values
+    for key, neutral in (("rl_share", 0.0), ("pretrained", False), ("teacher_share", 0.0)):  # added later: at their neutral values
         if sft[key] == neutral:  # they stay out, so older caches stay valid
             del sft[key]
     if m.preset == "tiny":
@@ -87,6 +89,9 @@ def split_train(tasks: list, rl_share: float, seed: int) -> tuple[list, list]:
 
 
 def _demos(env: Environment, cfg: Config) -> list[tuple]:
+    """(task, turns, note) demonstrations: note None for plain ones; with sft.teacher_share, that share
+    carries the distillation teacher's private note (a reference at either level, an assessment label or
+    none) and is always answered correctly, so the model learns to use the note."""
     tasks = env.tasks("train")
     if not tasks:
         raise DataError(f"train split of environment {env.name!r} is empty")
@@ -96,15 +101,20 @@ def _demos(env: Environment, cfg: Config) -> list[tuple]:
     out = []
     for _ in range(cfg.sft.demos):
         task = rng.choice(tasks)
-        out.append((task, env.oracle_turns(task, rng, noise)))
+        if cfg.sft.teacher_share and rng.random() < cfg.sft.teacher_share:
+            label = rng.choice([None, "success", "failure", *KEY_LABELS, *ERROR_LABELS])
+            note = privileged_note(env.name, task, rng.choice(["solution", "answer"]), label)
+            out.append((task, env.oracle_turns(task, rng, {**noise, "wrong_answer": 0.0}), note))
+        else:
+            out.append((task, env.oracle_turns(task, rng, noise), None))
     return out
 
 
 def _corpus(env: Environment, demos) -> list[str]:
     """Text the tokenizer is trained on: prompts, demo turns and the observations they produce."""
     texts = []
-    for task, turns in demos:
-        texts += [env.system_prompt() or "", env.user_prompt(task)]
+    for task, turns, note in demos:
+        texts += [env.system_prompt() or "", env.user_prompt(task), note or ""]
         state = env.initial_state(task)
         for turn in turns:
             state, res = env.step(state, turn)
@@ -161,8 +171,8 @@ def _train_sft(cfg: Config, out: Path, log) -> Path:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
     rows = []
-    for task, turns in demos:
-        traj = replay_turns(tokenizer, env, task, turns, m.chat_template)
+    for task, turns, note in demos:
+        traj = replay_turns(tokenizer, env if note is None else NotedEnv(env, note), task, turns, m.chat_template)
         rows.append((traj.token_ids[: m.max_context], traj.loss_mask[: m.max_context]))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"SFT: {len(rows)} demos, mean {sum(len(r[0]) for r in rows) / len(rows):.0f} tokens, "

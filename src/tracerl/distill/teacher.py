@@ -63,11 +63,14 @@ def privileged_note(env_name: str, task: Task, level: str = "solution", diag_typ
     return note
 
 
-class _NotedEnv:
-    """The environment's prompts with the note ahead of the user message."""
+class NotedEnv:
+    """The environment with the note ahead of the user message (everything else delegated)."""
 
     def __init__(self, env: Environment, note: str):
         self.env, self.note = env, note
+
+    def __getattr__(self, name: str):
+        return getattr(self.env, name)
 
     def system_prompt(self) -> str | None:
         return self.env.system_prompt()
@@ -87,7 +90,7 @@ class TeacherSequence:
 def teacher_sequence(tokenizer, env: Environment, task: Task, token_ids: list[int], prompt_len: int, note: str,
                      chat_template: str = "auto") -> TeacherSequence:
     """Privileged prompt (same template as the student's) + the student's exact response ids."""
-    prompt = encode_prompt(tokenizer, _NotedEnv(env, note), task, chat_template)
+    prompt = encode_prompt(tokenizer, NotedEnv(env, note), task, chat_template)
     return TeacherSequence(prompt + list(token_ids[prompt_len:]), len(prompt) - prompt_len, prompt_len, len(token_ids))
 
 
