@@ -188,6 +188,47 @@ def test_trace_and_knapsack_spend_a_token_budget(tiny_policy, small_env):
         assert ctx.engine.cost.gen_tokens >= 240, (name, ctx.engine.cost.gen_tokens)
 
 
+def _set_rewards(tree: RolloutTree, rewards: dict[int, float]) -> None:
+    for leaf, r in rewards.items():
+        tree.nodes[leaf].reward = r
+    tree.update_stats()
+
+
+def test_stage2_rounds_skip_mixed_prefixes_and_restart_agreeing_prompts_from_the_root(tiny_policy, small_env):
+    from tracerl.allocate.budgeted import _stage2
+
+    tasks = small_env.tasks("train")[:2]
+    for rounds, root, cap in ((1, False, 8), (1, True, 1), (2, True, 8)):
+        ctx = _ctx(tiny_policy, small_env, [], "trace")
+        ctx.alloc = AllocConfig(rounds=rounds, stage2_root=root, cap_anchor=cap)
+        eng = ctx.engine
+        trees = eng.plant(tasks, [2, 1])
+        eng.grow([(t, 0) for t in trees])
+        a, b, c = trees  # prompt 0: trees a, b; prompt 1: tree c
+        mid = [n.id for n in a.nodes.values() if n.id and not n.done]
+        assert mid, "the tiny policy's chain should have at least one non-leaf turn"
+        # make a's first prefix mixed: one more leaf below it, rewards 1 and 0; prompt 1 fails everywhere
+        eng.grow([(a, mid[0])], continuation=True)
+        _set_rewards(a, dict(zip(a.leaf_ids(), (1.0, 0.0))))
+        _set_rewards(b, {leaf: 0.0 for leaf in b.leaf_ids()})
+        _set_rewards(c, {leaf: 0.0 for leaf in c.leaf_ids()})
+        assert a.nodes[mid[0]].mixed
+        children_before = len(a.nodes[mid[0]].children)
+        leaves_before = sum(len(t.leaf_ids()) for t in trees)
+        by_prompt = [[a, b], [c]]
+        c_prefixes = sum(1 for n in c.nodes.values() if n.id and not n.done)
+        leftover, restarted = _stage2(ctx, by_prompt, [6, 8], [0.5, 0.5])
+        assert len(a.nodes[mid[0]].children) == children_before  # the mixed prefix got nothing
+        new_leaves = sum(len(t.leaf_ids()) for ts in by_prompt for t in ts) - leaves_before  # one per continuation
+        assert new_leaves + sum(leftover) == 14  # root restarts included (one leaf each)
+        assert restarted == len(by_prompt[0]) + len(by_prompt[1]) - 3  # root continuations = new bare trees
+        assert all(t.group == c.group for t in by_prompt[1][1:]) and all(t.group == a.group for t in by_prompt[0])
+        if not root:
+            assert restarted == 0
+        if cap == 1:  # one round, one continuation per anchor: c's prefixes and its root (prompt 1 only failed)
+            assert restarted == 1 and leftover[1] == 8 - c_prefixes - 1
+
+
 def test_trace_config_is_validated_and_the_shipped_preset_loads():
     from tracerl.config import ConfigError, load_config, pool_size
 
@@ -200,7 +241,7 @@ def test_trace_config_is_validated_and_the_shipped_preset_loads():
         load_config(None, ["alloc.epsilon=2"])
     cfg = load_config("configs/trace.yaml")
     assert cfg.rollout.allocator == "trace" and root_rollouts(cfg.rollout, cfg.alloc) == 32
-    assert pool_size(cfg.rollout, cfg.alloc) == 16
+    assert pool_size(cfg.rollout, cfg.alloc) == 32 and cfg.alloc.rounds == 2 and cfg.alloc.stage2_root
 
 
 def test_optional_text_embedding_features():
