@@ -19,7 +19,7 @@ from tracerl.sft import _demos, build_env, run_sft, sft_dir, sft_key, uses_sft
 def _demo_nll(model, tok, env, demos) -> float:
     total = count = 0.0
     with torch.no_grad():
-        for task, turns in demos:
+        for task, turns, _ in demos:
             traj = replay_turns(tok, env, task, turns, "auto")
             ids = torch.tensor([traj.token_ids])
             mask = torch.tensor(traj.loss_mask[1:], dtype=torch.float32)
