@@ -82,6 +82,16 @@ def collect(env: str, method: str, seed: int, out_dir: Path, wall: float | None 
             "teacher_rows": mean_on("teacher_rows"), "trained_trajectories": statistics.mean(r.get("trained_trajectories", 0) for r in rows)}
 
 
+def warm_start_cached(env: str, overrides: list[str]) -> bool:
+    """Whether the SFT warm start every run of `env` starts from is already in the cache."""
+    sys.path.insert(0, str(REPO / "src"))
+    from tracerl.config import load_config
+    from tracerl.sft import sft_dir
+
+    config = ENVS[env][1] if ENVS[env] else None
+    return (sft_dir(load_config(config, ["sft.seed=0", *overrides])) / "sft_meta.json").is_file()
+
+
 def fmt(xs: list[float | None], d: int = 3) -> str:
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -109,8 +119,9 @@ def main() -> None:
     if args.collect:
         results = [collect(*j, out_dir) for j in jobs]
     else:
-        # one run per environment first, alone: it builds the SFT warm start the others reuse from the cache
-        firsts = {e: next(j for j in jobs if j[0] == e) for e in args.envs}
+        # one run per environment first, alone, when its SFT warm start is not cached yet: it builds it and
+        # the others reuse it (parallel runs would wait on its lock anyway)
+        firsts = {e: next(j for j in jobs if j[0] == e) for e in args.envs if not warm_start_cached(e, args.overrides)}
         results = [run(*j, args.threads or threads * args.parallel, out_dir, args.overrides) for j in firsts.values()]
         rest = [j for j in jobs if j not in firsts.values()]
         with ThreadPoolExecutor(args.parallel) as pool:
