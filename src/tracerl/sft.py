@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 from tracerl.config import Config, ConfigError
+from tracerl.distill.annotate import ERROR_LABELS, KEY_LABELS
+from tracerl.distill.teacher import NotedEnv, privileged_note
 from tracerl.envs import make_env
 from tracerl.envs.base import Environment
 from tracerl.errors import DataError
 from tracerl.models.io import atomic_save_pretrained, cache_dir, file_lock, load_policy
 from tracerl.models.tiny import build_tiny_model, train_tokenizer
-from tracerl.distill.annotate import ERROR_LABELS, KEY_LABELS
-from tracerl.distill.teacher import NotedEnv, privileged_note
 from tracerl.rollout import replay_turns
 
 SFT_VERSION = 1  # bump when the recipe changes so old caches are not reused
