@@ -37,13 +37,13 @@ def uses_sft(cfg: Config) -> bool:
     return cfg.sft.enabled if cfg.model.preset == "tiny" else cfg.sft.pretrained
 
 
-def _base_model(cfg: Config) -> Path:
-    """The pretrained policy an SFT of a non-tiny preset starts from."""
+def pretrained_path(cfg: Config) -> Path:
+    """The pretrained policy of a non-tiny preset: the converted SmolLM2, or the user's model path."""
     if cfg.model.preset == "smollm2-135m":
         from tracerl.models.smollm2 import smollm2_path
 
         return smollm2_path()
-    return Path(cfg.model.path).resolve()
+    return Path(cfg.model.path)
 
 
 def sft_key(cfg: Config) -> str:
@@ -55,7 +55,7 @@ def sft_key(cfg: Config) -> str:
     if m.preset == "tiny":
         model = {k: getattr(m, k) for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size")}
     else:  # a pretrained base: which one, and how its demos are cut
-        base = _base_model(cfg) if m.preset == "path" else None
+        base = pretrained_path(cfg).resolve() if m.preset == "path" else None
         model = {"preset": m.preset, "path": str(base) if base else None, "max_context": m.max_context,
                  "weights_mtime": max((f.stat().st_mtime_ns for f in base.glob("*.safetensors")), default=0) if base else 0}
     payload = {"v": SFT_VERSION, "env": cfg.env.model_dump(mode="json"), "sft": sft, "model": model,
@@ -164,7 +164,7 @@ def _train_sft(cfg: Config, out: Path, log) -> Path:
                                  num_kv_heads=m.num_kv_heads, max_position_embeddings=max(m.max_context, 1024),
                                  seed=cfg.sft.seed)
     else:
-        base = _base_model(cfg)
+        base = pretrained_path(cfg)
         log(f"SFT of the pretrained policy at {base} (lr {cfg.sft.lr:g}"
             + ("; that is high for a pretrained model, 1e-5 is typical)" if cfg.sft.lr > 1e-4 else ")"))
         model, tokenizer = load_policy(base)

@@ -44,18 +44,14 @@ from tracerl.packing import PackedTree, batch_packed, pack_tree
 from tracerl.rollout import RolloutCost, RolloutEngine, Trajectory, leaf_trajectories
 from tracerl.tree import RolloutTree, mixed_anchors, write_jsonl
 from tracerl.runlog import Progress, RunLogger
-from tracerl.sft import build_env, run_sft, split_train, uses_sft
+from tracerl.sft import build_env, pretrained_path, run_sft, split_train, uses_sft
 
 
 def resolve_model_path(cfg: Config, log=print) -> Path:
     """Where the initial policy comes from: the SFT cache, the converted SmolLM2, or a user path."""
     if cfg.model.preset == "tiny" or uses_sft(cfg):
         return run_sft(cfg, log=log)
-    if cfg.model.preset == "smollm2-135m":
-        from tracerl.models.smollm2 import smollm2_path
-
-        return smollm2_path()
-    return Path(cfg.model.path)
+    return pretrained_path(cfg)
 
 
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:

@@ -197,6 +197,19 @@ def stage1_counts(v: list[float] | None, n_pool: int, budget: int, cap: int, eps
     return counts
 
 
+def _more_bare(eng, by_prompt: list[list[RolloutTree]], counts: list[int]) -> int:
+    """counts[i] more bare rollouts of prompt i, each its own new tree, generated together; returns how many."""
+    new = []
+    for ts, n in zip(by_prompt, counts):
+        if n:
+            more = eng.more_trees(ts[0], n, len(ts))
+            ts += more
+            new += more
+    if new:
+        eng.grow([(t, 0) for t in new])
+    return len(new)
+
+
 def _stage2(ctx: AllocationContext, by_prompt: list[list[RolloutTree]], totals: list[int],
             root_v: list[float]) -> tuple[list[int], int]:
     """Stage 2 (§4.3): prompt i places totals[i] continuations in `alloc.rounds` slices. Each slice scores
@@ -236,15 +249,7 @@ def _stage2(ctx: AllocationContext, by_prompt: list[list[RolloutTree]], totals: 
                     jobs += [(t, n)] * K
         if jobs:
             eng.grow(jobs, continuation=True)
-        new = []
-        for i, n in enumerate(roots):
-            if n:
-                more = eng.more_trees(by_prompt[i][0], n, len(by_prompt[i]))
-                by_prompt[i] += more
-                new += more
-        if new:
-            eng.grow([(t, 0) for t in new])
-        restarted += len(new)
+        restarted += _more_bare(eng, by_prompt, roots)
     return carry, restarted
 
 
@@ -274,13 +279,7 @@ def trace(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
 
     root_v = [0.5] * len(active) if v is None else [v[i] for i in active]
     leftover, restarts = _stage2(ctx, by_prompt, [counts[i] * a.continuations for i in active], root_v)
-    extra = []
-    for i, n in enumerate(leftover):
-        new = eng.more_trees(by_prompt[i][0], n, len(by_prompt[i])) if n else []
-        by_prompt[i] += new
-        extra += new
-    if extra:
-        eng.grow([(t, 0) for t in extra])
+    _more_bare(eng, by_prompt, leftover)
     topped = _top_up(ctx, by_prompt, root_v, ctx.step_budget(B), tree_per_chain=True)
     ctx.metrics.update(stage2_leftover=float(sum(leftover)), stage2_restarts=float(restarts), budget_chains=float(topped),
                        explore_rollouts=float(min(2 * int(a.epsilon * M / 2), 2 * len(pool)) if v is not None else 0))

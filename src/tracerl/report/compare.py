@@ -90,13 +90,13 @@ def trailing_mean(points: Points, window: int) -> Points:
     return [(x, statistics.fmean(ys[max(0, i + 1 - window): i + 1])) for i, (x, _) in enumerate(points)]
 
 
-def effective_ratio_curve(run: RunData, window: int = SMOOTH_STEPS) -> Points:
-    return trailing_mean(series(with_cumulative_tokens(run.metrics), "effective_ratio", x=TOKENS), window)
+def step_metric_curve(key: str, window: int = SMOOTH_STEPS):
+    """run -> trailing mean of a per-step metric (metrics.jsonl `key`) against cumulative generated tokens."""
+    return lambda run: trailing_mean(series(with_cumulative_tokens(run.metrics), key, x=TOKENS), window)
 
 
-def predictor_ece_curve(run: RunData, window: int = SMOOTH_STEPS) -> Points:
-    """The success predictor's ECE on each step's new trees (allocators with a predictor only)."""
-    return trailing_mean(series(with_cumulative_tokens(run.metrics), "predictor_ece", x=TOKENS), window)
+effective_ratio_curve = step_metric_curve("effective_ratio")
+predictor_ece_curve = step_metric_curve("predictor_ece")  # allocators with a success predictor only
 
 
 def final_em(run: RunData) -> float | None:
