@@ -7,6 +7,7 @@ ends at `</search>` or `</answer>`), all with a seeded generator so runs replay 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,9 @@ class HFPolicy:
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self._stop_tail = 8  # tokens decoded to look for a stop string at each step
+        # transformers 5.x names the KV-cache argument `cache` (and warns on `past_key_values`); 4.x has only
+        # `past_key_values`
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def _final_norm(self):
         """The module whose output is the last layer's hidden state (the decoder's final norm), or None."""
@@ -98,16 +102,16 @@ class HFPolicy:
     def _prefill(self, ids, mask, pos, cache, capture: bool, **kwargs):
         """The prefill forward; with `capture`, also (U, H) float32 last-layer states at the last position."""
         if not capture:
-            return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **{self._cache_kw: cache},
                               use_cache=cache is not None, **kwargs), None
         norm, seen = self._final_norm(), []
         if norm is None:  # no final-norm module to hook: ask the model for its hidden states
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **{self._cache_kw: cache},
                              use_cache=cache is not None, output_hidden_states=True, **kwargs)
             return out, out.hidden_states[-1][:, -1, :].detach().float().cpu()
         handle = norm.register_forward_hook(lambda _m, _i, o: seen.append(o[:, -1, :].detach().float().cpu()))
         try:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **{self._cache_kw: cache},
                              use_cache=cache is not None, **kwargs)
         finally:
             handle.remove()
@@ -194,7 +198,7 @@ class HFPolicy:
             mask = torch.cat([mask, alive.to(self.device, torch.long)[:, None]], dim=1)
             out = self.model(
                 input_ids=feed[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                past_key_values=cache, use_cache=True,
+                **{self._cache_kw: cache}, use_cache=True,
             )
             logits = out.logits[:, -1, :].float()
             next_pos = next_pos + 1
