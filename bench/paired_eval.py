@@ -6,6 +6,10 @@ sign test (McNemar) on the flips pooled over all pairs — a paired test, far le
 two EM figures of ±0.035 each on 200 questions.
 
     .venv/bin/python bench/paired_eval.py --pairs BEFORE_DIR:AFTER_DIR [...] [--split validation]
+    .venv/bin/python bench/paired_eval.py --pairs BEFORE.json:AFTER.json    # two bench/real_qa_eval.py results
+
+A pair of `bench/real_qa_eval.py` result files is compared on the questions both evaluated (greedy, so
+nothing is recomputed).
 
 Used for the quickstart (BENCHMARKS.md §1): BEFORE = a seed's SFT cache directory, AFTER = its run's
 final checkpoint `runs/quickstart-seedS/checkpoints/step_000200/model`.
@@ -36,6 +40,14 @@ def answers(model_dir: str, env, tasks, cfg) -> list[float]:
     return [by_id[t.id] for t in tasks]
 
 
+def recorded(path: str) -> dict[str, float]:
+    """{task id: EM} from the per-episode records of a bench/real_qa_eval.py result (greedy: one per question)."""
+    episodes = json.loads(Path(path).read_text()).get("episodes")
+    if not episodes:
+        raise SystemExit(f"{path}: no 'episodes' records (rerun bench/real_qa_eval.py to write them)")
+    return {e["task_id"]: e["em"] for e in episodes}
+
+
 def sign_test(up: int, down: int) -> float:
     """Exact two-sided binomial test of up vs down flips at p = 1/2."""
     n, k = up + down, min(up, down)
@@ -53,18 +65,26 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="config overrides (the environment must be the runs' one)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    cfg = load_config(None, args.overrides)
-    env = build_env(cfg)
-    tasks = env.tasks(args.split)
+    env = cfg = tasks = None
     rows, total_up, total_down = [], 0, 0
     for pair in args.pairs:
         before_dir, after_dir = pair.split(":")
-        before, after = answers(before_dir, env, tasks, cfg), answers(after_dir, env, tasks, cfg)
+        if before_dir.endswith(".json") and after_dir.endswith(".json"):
+            b, a = recorded(before_dir), recorded(after_dir)
+            common = [k for k in b if k in a]
+            before, after = [b[k] for k in common], [a[k] for k in common]
+        else:
+            if env is None:
+                cfg = load_config(None, args.overrides)
+                env = build_env(cfg)
+                tasks = env.tasks(args.split)
+            before, after = answers(before_dir, env, tasks, cfg), answers(after_dir, env, tasks, cfg)
         up = sum(1 for b, a in zip(before, after) if a > b)
         down = sum(1 for b, a in zip(before, after) if a < b)
         total_up, total_down = total_up + up, total_down + down
-        rows.append({"before": before_dir, "after": after_dir, "n": len(tasks), "em_before": sum(before) / len(tasks),
-                     "em_after": sum(after) / len(tasks), "wrong_to_right": up, "right_to_wrong": down,
+        n = len(before)
+        rows.append({"before": before_dir, "after": after_dir, "n": n, "em_before": sum(before) / max(n, 1),
+                     "em_after": sum(after) / max(n, 1), "wrong_to_right": up, "right_to_wrong": down,
                      "sign_test_p": sign_test(up, down)})
     print("| pair | n | EM before | EM after | wrong → right | right → wrong | sign test p |")
     print("|---|---|---|---|---|---|---|")

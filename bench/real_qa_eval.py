@@ -132,6 +132,10 @@ def main() -> None:
                     "questions_with_mixed_rewards": sum(len(set(g)) > 1 for g in groups.values())},
         "breakdown": rows,
         "examples": examples,
+        # per episode, ids and scores only: lets two evaluations be compared question by question
+        "episodes": [{"task_id": tr.task.id, "file": tr.task.meta["file"], "em": float(tr.info.get("em", tr.reward)),
+                      "f1": float(tr.info.get("f1", 0.0)), "turns": tr.num_turns,
+                      "format_errors": tr.format_errors} for tr in trajs],
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
