@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tracerl.envs.base import Task
 from tracerl.evaluate import breakdown, gold_recall, summarize
@@ -89,7 +90,14 @@ env:
 rollout: {{max_turn_tokens: 8}}
 """)
     out = tmp_path / "eval"
-    assert main(["eval", str(tmp_path / "model"), "--config", str(config), "--split", "test", "--out", str(out), "--json"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # run.threads holds for `tracerl eval` as for `tracerl train`
+        assert main(["eval", str(tmp_path / "model"), "--config", str(config), "--split", "test", "--out", str(out),
+                     "--json", "run.threads=1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     printed = capsys.readouterr().out
     assert "by dataset and question type (test)" in printed and "2wikimultihopqa" in printed
     result = json.loads(printed.strip().splitlines()[-2])  # the JSON line, then the report path
