@@ -1,7 +1,8 @@
 """Benchmark: a policy evaluated greedily on the real multi-hop QA evaluation files (the test split).
 
-Default: SmolLM2-135M-Instruct (`configs/real_qa_smollm2.yaml`, before any RL) on the first questions of
-each `*_migres*` file. The run is CPU-heavy, so it first measures seconds per question on a probe (the
+Default: the initial policy of `configs/real_qa_smollm2.yaml` (SmolLM2-135M-Instruct after its SFT warm
+start, before any RL; `sft.pretrained=false` for the model as shipped) on the first questions of each
+`*_migres*` file. The run is CPU-heavy, so it first measures seconds per question on a probe (the
 first few questions of each file) and then, unless `--per-file` is given, takes as many questions per
 file as fit in `--budget-s` seconds of wall time. The probe questions are among the evaluated ones
 (greedy decoding: their results are kept, not recomputed). Reported: EM / F1 per dataset, question type
