@@ -69,7 +69,9 @@ def main() -> None:
     rows, total_up, total_down = [], 0, 0
     for pair in args.pairs:
         before_dir, after_dir = pair.split(":")
-        if before_dir.endswith(".json") and after_dir.endswith(".json"):
+        if before_dir.endswith(".json") != after_dir.endswith(".json"):
+            raise SystemExit(f"{pair}: pair two model directories or two bench/real_qa_eval.py result files")
+        if before_dir.endswith(".json"):
             b, a = recorded(before_dir), recorded(after_dir)
             common = [k for k in b if k in a]
             before, after = [b[k] for k in common], [a[k] for k in common]

@@ -55,21 +55,14 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _apply_threads(cfg) -> None:
-    """run.threads holds for every command that runs the model, as it does for `tracerl train`."""
-    if cfg.run.threads:
-        import torch
-
-        torch.set_num_threads(cfg.run.threads)
-
-
 def cmd_sft(args) -> int:
     from tracerl.config import load_config
     from tracerl.sft import run_sft
+    from tracerl.train import apply_threads
 
     _quiet_transformers()
     cfg = load_config(_config_path(args.config), args.overrides)
-    _apply_threads(cfg)
+    apply_threads(cfg)
     print(f"SFT model: {run_sft(cfg, force=args.force)}")
     return 0
 
@@ -100,6 +93,7 @@ def cmd_eval(args) -> int:
     from tracerl.evaluate import breakdown, evaluate
     from tracerl.models.io import load_policy
     from tracerl.sft import build_env
+    from tracerl.train import apply_threads
 
     _quiet_transformers()
     if args.checkpoint == "preset":  # the config's initial policy, before any RL
@@ -113,7 +107,7 @@ def cmd_eval(args) -> int:
         model_dir, run_dir = _resolve_checkpoint(Path(args.checkpoint))
         cfg_path = args.config or (str(run_dir / "config.yaml") if run_dir else _config_path(None))
         cfg = load_config(cfg_path, args.overrides)
-    _apply_threads(cfg)
+    apply_threads(cfg)
     if args.out:
         run_dir = Path(args.out)
         run_dir.mkdir(parents=True, exist_ok=True)

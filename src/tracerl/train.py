@@ -77,6 +77,12 @@ def pad_batch(trajs: list[Trajectory], pad_id: int, values: dict[str, list[torch
     return ids, attn, mask, logp
 
 
+def apply_threads(cfg: Config) -> None:
+    """run.threads (torch intra-op threads) for every command that runs the model: train, sft, eval."""
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: Path | None = None, overwrite: bool = False, log=print):
         self.cfg, self.log = cfg, log
@@ -86,8 +92,7 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
+        apply_threads(cfg)
         for name, reg in (("rollout.allocator", ALLOCATORS), ("algo.advantage", ADVANTAGES), ("algo.policy_loss", POLICY_LOSSES),
                           ("algo.aggregation", AGGREGATIONS), ("algo.kl_estimator", KL_ESTIMATORS),
                           ("credit.name", CREDIT)):
