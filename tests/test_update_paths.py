@@ -62,7 +62,7 @@ def test_head_at_positions_keeps_the_ratio_at_one_off_the_trained_positions(tmp_
     seen = []
 
     def probe(logp, old_logp, advantages, mask, **kw):
-        seen.append(float((logp - old_logp).abs().masked_fill(mask.bool(), 0.0).max()))
+        seen.append(float((logp - old_logp).detach().abs().masked_fill(mask.bool(), 0.0).max()))
         return ppo_clip(logp, old_logp, advantages, mask, **kw)
 
     monkeypatch.setitem(POLICY_LOSSES._items, "ratio_probe", probe)
