@@ -55,14 +55,21 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_sft(args) -> int:
+def _model_config(path, overrides):
+    """The config of a command that runs the model, with run.threads applied as `tracerl train` applies it."""
     from tracerl.config import load_config
-    from tracerl.sft import run_sft
     from tracerl.train import apply_threads
 
-    _quiet_transformers()
-    cfg = load_config(_config_path(args.config), args.overrides)
+    cfg = load_config(path, overrides)
     apply_threads(cfg)
+    return cfg
+
+
+def cmd_sft(args) -> int:
+    from tracerl.sft import run_sft
+
+    _quiet_transformers()
+    cfg = _model_config(_config_path(args.config), args.overrides)
     print(f"SFT model: {run_sft(cfg, force=args.force)}")
     return 0
 
@@ -89,11 +96,9 @@ def cmd_eval(args) -> int:
     from rich.table import Table
 
     from tracerl.backends.hf import HFPolicy
-    from tracerl.config import load_config
     from tracerl.evaluate import breakdown, evaluate
     from tracerl.models.io import load_policy
     from tracerl.sft import build_env
-    from tracerl.train import apply_threads
 
     _quiet_transformers()
     if args.checkpoint == "preset":  # the config's initial policy, before any RL
@@ -101,13 +106,12 @@ def cmd_eval(args) -> int:
             raise TracerlError("`tracerl eval preset` evaluates the model of --config; pass --config FILE.yaml")
         from tracerl.train import resolve_model_path
 
-        cfg = load_config(args.config, args.overrides)
+        cfg = _model_config(args.config, args.overrides)
         model_dir, run_dir = resolve_model_path(cfg), None
     else:
         model_dir, run_dir = _resolve_checkpoint(Path(args.checkpoint))
         cfg_path = args.config or (str(run_dir / "config.yaml") if run_dir else _config_path(None))
-        cfg = load_config(cfg_path, args.overrides)
-    apply_threads(cfg)
+        cfg = _model_config(cfg_path, args.overrides)
     if args.out:
         run_dir = Path(args.out)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -198,12 +202,11 @@ def cmd_compare(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from tracerl.allocate.calibrate import calibrate, overrides_for
-    from tracerl.config import load_config
 
     _quiet_transformers()
     if args.steps < 1:
         raise TracerlError(f"--steps must be >= 1, got {args.steps}")
-    cfg = load_config(_config_path(args.config), args.overrides)
+    cfg = _model_config(_config_path(args.config), args.overrides)
     res = calibrate(cfg, args.steps)
     print(f"chains: G = {res['group_size']}, {res['mean_chain_tokens']:.1f} generated tokens per chain "
           f"-> {res['token_budget']} per prompt")
