@@ -34,9 +34,11 @@ setup-browser:
 	fi
 
 test: setup setup-browser
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -n 2 --durations=15 tests
 
 test-fast: setup
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -n 2 -m "not slow" tests
 
 clean-runs:

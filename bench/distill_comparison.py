@@ -1,6 +1,6 @@
 """Benchmark: routed self-distillation against its baselines at equal steps, several seeds, two environments.
 
-Methods (METHODS.md §6.3): GRPO (distill.mode=off), all-token self-distillation (forward KL on every
+Methods (docs/distillation.md §9): GRPO (distill.mode=off), all-token self-distillation (forward KL on every
 generated token plus the PG term), routed with rule annotation, routed with self-annotation (the policy
 as a JSON annotator). Every run of an environment starts from the same SFT warm start (sft.seed 0,
 cached after the first run) and differs only in the method and run.seed; all runs take the same

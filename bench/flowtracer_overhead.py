@@ -6,15 +6,16 @@ their real observations until the length is reached, then the oracle's search an
 and given random non-zero advantages. Timed, after one untimed warm-up, `--repeats` times each
 (median reported; the phases run interleaved), every call starting from the same weights:
 
-* update: what `Trainer.update` does with those rows (ppo_epochs 1): forward + backward of the
-  PPO-clip token-mean loss in micro-batches of `--micro`, gradient clipping, one AdamW step;
+* update: what `Trainer.update` does with those rows (ppo_epochs 1, rows layout: the trajectories as
+  chains through `build_batch`): forward + backward of the training objective (PPO-clip, token-mean)
+  in micro-batches of `--micro`, gradient clipping, one AdamW step;
 * update + tapped credit: the same with `credit.name=flowtracer` as the trainer runs it: regions,
   attention probabilities of the default middle layers recomputed from the update's own forward
-  (hooks), flow solves, top-40% weights multiplying the advantages. "credit inside update" is the
+  (`CreditStep.hook`), flow solves, top-40% weights multiplying the advantages. "credit inside update" is the
   time the credit code itself measured (hooks + flows + regions + weights);
   share (tapped) = credit inside update / (update + tapped credit);
-* separate pass: `TokenCredit.__call__`, the no-grad forward stopped after the last chosen layer
-  that packed-tree updates (algo.dedup_prefix) use; share (separate) = pass / (pass + update).
+* separate pass: `TokenCredit.__call__`, a no-grad forward stopped after the last chosen layer (the
+  alternative to tapping the update); share (separate) = pass / (pass + update).
   Its attention pass is also timed alone.
 
 All times are CPU seconds of this process (`time.process_time`; the credit code's own `credit_s` too):
@@ -35,8 +36,8 @@ Models (randomly initialised Qwen3, 2k BPE vocabulary trained on the world's tex
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
+import dataclasses
 import platform
 import random
 import statistics
@@ -52,7 +53,6 @@ sys.path.insert(0, str(REPO / "bench"))
 from _results import save_result  # noqa: E402
 from kv_reuse import peak_rss_mib, reset_peak_rss, rss_mib  # noqa: E402
 
-from tracerl.algos.losses import ppo_clip, token_logprobs  # noqa: E402
 from tracerl.config import CreditConfig  # noqa: E402
 from tracerl.credit import TokenCredit  # noqa: E402
 from tracerl.credit import attention as credit_attention  # noqa: E402
@@ -60,9 +60,11 @@ from tracerl.credit import tracer as credit_tracer  # noqa: E402
 from tracerl.credit.attention import attention_maps  # noqa: E402
 from tracerl.envs import make_env  # noqa: E402
 from tracerl.models.tiny import build_tiny_model, train_tokenizer  # noqa: E402
-from tracerl.rollout import replay_turns  # noqa: E402
+from tracerl.objective import Denominators, LossSpec, objective  # noqa: E402
+from tracerl.packing import TokenBatch, build_batch  # noqa: E402
+from tracerl.rollout import replay_turns, turn_records  # noqa: E402
 from tracerl.sft import _corpus  # noqa: E402
-from tracerl.train import pad_batch  # noqa: E402
+from tracerl.tree import RolloutTree  # noqa: E402
 
 MODELS = {
     "tiny": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384),
@@ -87,25 +89,30 @@ def build_trajectories(env, tok, rows: int, tokens: int, seed: int):
     return out
 
 
-def update_step(model, optimizer, trajs, adv, pad_id: int, micro: int, credit=None) -> None:
-    """Trainer.update with ppo_epochs = mini_batches = 1: token-mean PPO-clip, clip, AdamW step;
-    with `credit` (a CreditStep) the forward is tapped and the weights multiply the advantages."""
-    ids, attn, mask, _ = pad_batch(trajs, pad_id)
-    targets, tmask = ids[:, 1:], mask[:, 1:]
-    token_adv = adv[:, None] * tmask
-    denom = tmask.sum()
+def chain_batch(trajs, adv: torch.Tensor) -> TokenBatch:
+    """The trajectories as chains (one tree each, its leaf hanging from the root) in the rows layout
+    (one row per leaf, as the trainer's default `algo.dedup_prefix=false`)."""
+    with_adv = []
+    for g, (traj, a) in enumerate(zip(trajs, adv.tolist())):
+        tree = RolloutTree(traj.task, g, 0, traj.token_ids[: traj.prompt_len], {})
+        leaf = tree.attach(0, turn_records(traj, 0), done=True, reward=traj.reward, info=traj.info)
+        with_adv.append((tree, {leaf: a}))
+    return build_batch(with_adv, "rows")
+
+
+def update_step(model, optimizer, batch: TokenBatch, spec: LossSpec, pad_id: int, micro: int, credit=None) -> None:
+    """Trainer.update with ppo_epochs = mini_batches = 1: the training objective (token-mean PPO-clip)
+    in micro-batches of `micro` leaves, clip, AdamW step; with `credit` (a CreditStep) each forward is
+    tapped (`CreditStep.hook`) and the weights multiply the advantages."""
+    batch = dataclasses.replace(batch, coef=batch.coef.clone(), weights=None)  # the hook writes A·w here
+    hook = credit.hook(batch, model) if credit is not None else None
+    packs = list(range(len(batch.packs)))
+    den = Denominators.of(spec, batch.mask, batch.mask, batch.max_response)
     optimizer.zero_grad(set_to_none=True)
     model.train()
-    for rows in torch.arange(len(trajs)).split(micro):
-        n = int(attn[rows].sum(-1).max())
-        with credit.tap(model, rows.tolist()) if credit is not None else contextlib.nullcontext():
-            logits = model(input_ids=ids[rows, :n]).logits[:, :-1]
-        logp = token_logprobs(logits.float(), targets[rows, : n - 1])
-        row_adv = token_adv[rows, : n - 1]
-        if credit is not None:
-            row_adv = row_adv * credit.row_weights(rows.tolist(), n)[:, 1:]
-        pg, _ = ppo_clip(logp, logp.detach(), row_adv, tmask[rows, : n - 1])
-        ((pg * tmask[rows, : n - 1]).sum() / denom).backward()
+    for group in batch.micro_batches(packs, micro):
+        loss, _ = objective(model, batch.micro(group, pad_id), spec, den, hook=hook)
+        loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     model.eval()
@@ -145,13 +152,16 @@ def bench_model(name: str, tok, trajs, args) -> dict:
     adv = torch.tensor([(-1.0) ** i * (0.5 + 0.1 * i) for i in range(len(trajs))])
     credit = TokenCredit(CreditConfig(name="flowtracer", batch_size=args.credit_batch), model, tok)
     pad = tok.pad_token_id
+    batch = chain_batch(trajs, adv)
+    leaves = batch.leaves  # the trainer's view of the trajectories (token ids, loss mask, turns, ...)
+    spec = LossSpec()  # token-mean PPO-clip at T = 1; the LM head at the scored positions (a Qwen3)
     longest = max(len(t.token_ids) for t in trajs)
 
     def attention_only():
         for b0 in range(0, len(trajs), args.credit_batch):
-            batch = trajs[b0:b0 + args.credit_batch]
-            ids = torch.full((len(batch), max(len(t.token_ids) for t in batch)), pad)
-            for j, t in enumerate(batch):
+            chunk = trajs[b0:b0 + args.credit_batch]
+            ids = torch.full((len(chunk), max(len(t.token_ids) for t in chunk)), pad)
+            for j, t in enumerate(chunk):
                 ids[j, :len(t.token_ids)] = torch.tensor(t.token_ids)
             attention_maps(model, ids, credit.layers)
 
@@ -164,8 +174,8 @@ def bench_model(name: str, tok, trajs, args) -> dict:
     inside = []
 
     def tapped_update():
-        cs = credit.start(trajs, adv, step=0)
-        update_step(model, optimizer, trajs, adv, pad, args.micro, cs)
+        cs = credit.start(leaves, batch.adv, step=0)
+        update_step(model, optimizer, batch, spec, pad, args.micro, cs)
         inside.append(cs.result().metrics["credit_s"])
 
     def restore(fn):  # every timed call starts from the same weights (the same flows, no drift)
@@ -175,9 +185,9 @@ def bench_model(name: str, tok, trajs, args) -> dict:
         return call
 
     res.update(measure({
-        "update": restore(lambda: update_step(model, optimizer, trajs, adv, pad, args.micro)),
+        "update": restore(lambda: update_step(model, optimizer, batch, spec, pad, args.micro)),
         "update_with_credit": restore(tapped_update),
-        "credit_separate_pass": restore(lambda: credit(trajs, adv, step=0)),
+        "credit_separate_pass": restore(lambda: credit(leaves, batch.adv, step=0)),
         "attention_separate_pass": restore(attention_only),
     }, args.repeats))
     res["credit_inside_update_s"] = statistics.median(inside[1:])  # the timed calls, not the warm-up

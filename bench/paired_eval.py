@@ -29,7 +29,7 @@ from tracerl.backends.hf import HFPolicy
 from tracerl.config import load_config
 from tracerl.evaluate import evaluate
 from tracerl.models.io import load_policy
-from tracerl.sft import build_env
+from tracerl.setup import build_env
 
 
 def answers(model_dir: str, env, tasks, cfg) -> list[float]:

@@ -35,8 +35,7 @@ from tracerl.config import load_config
 from tracerl.evaluate import breakdown, evaluate, summarize
 from tracerl.models.io import load_policy
 from tracerl.rollout import run_chains
-from tracerl.sft import build_env
-from tracerl.train import resolve_model_path
+from tracerl.setup import build_env, resolve_model_path
 
 from _results import save_result  # bench/ is on sys.path when a script here runs
 

@@ -21,7 +21,9 @@ from tracerl.backends.hf import HFPolicy  # noqa: E402
 from tracerl.config import load_config  # noqa: E402
 from tracerl.evaluate import evaluate  # noqa: E402
 from tracerl.rollout import SamplingParams, run_chains  # noqa: E402
-from tracerl.sft import _demos, build_env, run_sft  # noqa: E402
+from tracerl.distill.teacher import TeacherNoteDemos  # noqa: E402
+from tracerl.setup import build_env, warm_start  # noqa: E402
+from tracerl.sft import _demos  # noqa: E402
 
 
 def main() -> None:
@@ -36,12 +38,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_config(None, args.overrides)
     env = build_env(cfg)
-    seen = {t.id for t, _ in _demos(env, cfg)}
+    seen = {t.id for t, *_ in _demos(env, cfg, TeacherNoteDemos())}
     train = env.tasks("train")
     groups = {"train_seen_by_sft": [t for t in train if t.id in seen][: args.n],
               "train_unseen": [t for t in train if t.id not in seen][: args.n],
               "validation": env.tasks("validation")[: args.n]}
-    d = run_sft(cfg)
+    d = warm_start(cfg)
     policy = HFPolicy(AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d),
                       max_context=cfg.model.max_context)
     params = SamplingParams(cfg.rollout.max_turn_tokens, 1.0, 1.0, tuple(env.stop_strings))

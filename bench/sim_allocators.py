@@ -1,11 +1,12 @@
-"""Benchmark: every allocator at equal token budget on the rollout-free simulator (`tracerl sim`).
+"""Benchmark: the shipped allocators at equal token budget on the rollout-free simulator (`tracerl sim`).
 
 Runs the scenarios of bench/results/sim_allocators.md (difficulty distributions × predictor noise, 5
 seeds × 10 batches each), the TRACE ablation on Beta(0.5, 0.5) (pool, Stage 2 rounds, root restarts,
 exploration share) and the issue's criterion: TRACE's effective ratio against uniform's and against
-its own oracle's at the same settings.
+its own oracle's at the same settings. Allocation options are the training config's (rollout.* /
+alloc.* overrides on top of tracerl.sim.SIM_DEFAULTS), world options the simulator's (SimConfig).
 
-    python bench/sim_allocators.py                      # ≈ 2 min on one core
+    python bench/sim_allocators.py                      # ≈ 1 min on one core
     python bench/sim_allocators.py --seeds 2 --batches 3   # a quick look
 
 Writes bench/results/sim_allocators.json and prints the markdown tables.
@@ -19,25 +20,25 @@ import sys
 import time
 from pathlib import Path
 
-from tracerl.sim import ORDER, SimConfig, simulate
+from tracerl.sim import SimConfig, allocator_names, simulate
 
 REPO = Path(__file__).resolve().parents[1]
 NOISES = ("oracle", 0.5, 1.0, 2.0)
-SCENARIOS = {  # name: (SimConfig options, predictor settings)
-    "beta:0.5,0.5": (dict(difficulty="beta:0.5,0.5"), NOISES),
-    "beta:2,5": (dict(difficulty="beta:2,5"), NOISES),
+SCENARIOS = {  # name: (SimConfig options, rollout / alloc overrides, predictor settings)
+    "beta:0.5,0.5": (dict(difficulty="beta:0.5,0.5"), [], NOISES),
+    "beta:2,5": (dict(difficulty="beta:2,5"), [], NOISES),
     "uniform, T = 5, early stop 0.2, s = 0.5": (dict(difficulty="uniform", turns=5, early_stop=0.2, turn_strength=0.5),
-                                                ("oracle", 1.0)),
-    "beta:0.5,0.5, twice the budget": (dict(difficulty="beta:0.5,0.5", budget=122880), (1.0,)),
+                                                [], ("oracle", 1.0)),
+    "beta:0.5,0.5, twice the budget": (dict(difficulty="beta:0.5,0.5"), ["rollout.token_budget=1920"], (1.0,)),
 }
-ABLATION = {  # TRACE variants on beta:0.5,0.5; "old" is the allocator before Stage 2 rounds and a PCL-sized pool
-    "old: pool M/2 = 2B, 1 round, no root": dict(pool_factor=2, rounds=1, stage2_root=False),
-    "pool 4B, 1 round, no root": dict(pool_factor=4, rounds=1, stage2_root=False),
-    "pool 4B, 2 rounds, no root": dict(pool_factor=4, rounds=2, stage2_root=False),
-    "default: pool 4B, 2 rounds, root": dict(pool_factor=4, rounds=2, stage2_root=True),
-    "pool 4B, 3 rounds, root": dict(pool_factor=4, rounds=3, stage2_root=True),
-    "default, ε = 0.05": dict(explore=0.05),
-    "default, ε = 0": dict(explore=0.0),
+ABLATION = {  # TRACE variants on beta:0.5,0.5 (alloc.* overrides)
+    "pool 2B (training default), 1 round, no root": ["alloc.pool_factor=2", "alloc.rounds=1", "alloc.stage2_root=false"],
+    "pool 4B, 1 round, no root": ["alloc.rounds=1", "alloc.stage2_root=false"],
+    "pool 4B, 2 rounds, no root": ["alloc.rounds=2", "alloc.stage2_root=false"],
+    "default: pool 4B, 2 rounds, root": [],
+    "pool 4B, 3 rounds, root": ["alloc.rounds=3"],
+    "default, ε = 0.05": ["alloc.epsilon=0.05"],
+    "default, ε = 0": ["alloc.epsilon=0"],
 }
 COLUMNS = ("effective_ratio", "mixed_anchors", "mixed_per_1k_tokens", "expected_contrast", "realised_contrast",
            "leaves", "prompts", "tokens")
@@ -71,15 +72,17 @@ def main() -> int:
     args = ap.parse_args()
     t0 = time.time()
     out: dict = {"seeds": args.seeds, "batches": args.batches, "scenarios": {}, "ablation": {}}
-    for name, (opts, noises) in SCENARIOS.items():
+    order = allocator_names()
+    for name, (opts, overrides, noises) in SCENARIOS.items():
         print(f"\n### {name}\n\n{HEADER}")
         runs = {}
         for noise in noises:
             # the allocators that ignore the predictor give the same rows at every noise: run them once
-            names = list(ORDER) if noise == noises[0] else ["pcl", "trace"]
-            res = simulate(SimConfig(**opts, **predictor(noise)), names, seeds=args.seeds, batches=args.batches)
+            names = order if noise == noises[0] else ["pcl", "trace"]
+            res = simulate(SimConfig(**opts, **predictor(noise)), overrides, names, seeds=args.seeds,
+                           batches=args.batches)
             runs[label(noise)] = res
-        for alloc in ORDER:
+        for alloc in order:
             for noise in noises:
                 res = runs[label(noise)]
                 if alloc in res["allocators"] and (alloc in ("pcl", "trace") or noise == noises[0]):
@@ -87,9 +90,9 @@ def main() -> int:
                     print(row(alloc, pred, res["allocators"][alloc], res["std_over_seeds"][alloc]))
         out["scenarios"][name] = runs
     print(f"\n### TRACE ablation, beta:0.5,0.5\n\n{HEADER.replace('allocator', 'TRACE variant')}")
-    for name, opts in ABLATION.items():
+    for name, overrides in ABLATION.items():
         for noise in ("oracle", 0.5, 1.0):
-            res = simulate(SimConfig(difficulty="beta:0.5,0.5", **opts, **predictor(noise)), ["trace"],
+            res = simulate(SimConfig(difficulty="beta:0.5,0.5", **predictor(noise)), overrides, ["trace"],
                            seeds=args.seeds, batches=args.batches)
             out["ablation"][f"{name} / {label(noise)}"] = res
             print(row(name, label(noise), res["allocators"]["trace"], res["std_over_seeds"]["trace"]))

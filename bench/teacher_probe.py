@@ -19,7 +19,7 @@ from tracerl.config import load_config
 from tracerl.distill.teacher import NotedEnv, privileged_note
 from tracerl.evaluate import evaluate
 from tracerl.models.io import load_policy
-from tracerl.sft import build_env
+from tracerl.setup import build_env
 
 
 class _Noted(NotedEnv):

@@ -39,9 +39,9 @@ import torch
 from tracerl.algos.metrics import effective_ratio
 from tracerl.allocate.basic import match_tree_shape
 from tracerl.config import RolloutConfig, load_config
-from tracerl.rollout import RolloutCost, leaf_trajectories
+from tracerl.rollout import RolloutCost
 from tracerl.train import Trainer
-from tracerl.tree import mixed_anchors
+from tracerl.tree import mixed_anchors, tree_leaves
 
 
 from _results import save_result  # bench/ is on sys.path when a script here runs
@@ -61,13 +61,13 @@ def run_method(trainer: Trainer, steps: list[int], log) -> dict:
         trees, cost = trainer.rollout(step)
         wall = time.perf_counter() - t0
         total.add(cost)
-        leaves = leaf_trajectories(trees)
-        rewards = torch.tensor([t.reward for t in leaves], dtype=torch.float32)
-        groups = torch.tensor([t.group for t in leaves], dtype=torch.long)
+        leaves = tree_leaves(trees)
+        rewards = torch.tensor([lf.reward for lf in leaves], dtype=torch.float32)
+        groups = torch.tensor([lf.tree.group for lf in leaves], dtype=torch.long)
         prompts = len({t.group for t in trees})
         outcomes: dict[int, set[bool]] = {}
-        for t in leaves:
-            outcomes.setdefault(t.group, set()).add(t.reward > 0)
+        for lf in leaves:
+            outcomes.setdefault(lf.tree.group, set()).add(lf.reward > 0)
         rows.append({"step": step, "prompts": prompts, "wall_s": wall, "gen_tokens": cost.gen_tokens,
                      "prefill_tokens": cost.prefill_tokens, "prefill_saved": cost.prefill_saved,
                      "trajectories": cost.trajectories, "continuations": cost.continuations,

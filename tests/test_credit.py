@@ -12,7 +12,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
                           Qwen3Config, Qwen3ForCausalLM)
 
 from tracerl.config import CreditConfig
-from tracerl.credit import CREDIT, TokenCredit, reweight_packed
+from tracerl.credit import CREDIT, TokenCredit
 from tracerl.credit.attention import UnsupportedModelError, attention_maps, check_supported, default_layers
 from tracerl.credit.regions import answer_span, trajectory_regions
 from tracerl.rollout import replay_turns
@@ -194,22 +194,3 @@ def test_token_credit_weights_only_sampled_tokens_of_nonzero_advantages(tiny_pol
     assert rnd.layers == [] and rnd.start(trajs, adv, step=0).pending == set()  # no attention needed
     for t, w, a in zip(trajs, rnd(trajs, adv, step=0).weights, adv.tolist()):
         assert int((w == 1.5).sum()) == (math.ceil(0.4 * sum(t.loss_mask)) if a else 0)
-
-
-def test_packed_coefficients_give_the_weighted_per_leaf_gradient():
-    """reweight_packed: Σ_ℓ A_ℓ·w_ℓ(t) per packed token equals summing each leaf's weighted terms."""
-    # two leaves sharing a 3-token prefix: scored tokens 0..2 shared, 3..4 leaf 1, 5..6 leaf 2
-    index = {1: torch.tensor([0, 1, 2, 3, 4]), 2: torch.tensor([0, 1, 2, 5, 6])}
-    adv = {1: 0.7, 2: -0.4}
-    w = {1: torch.tensor([1.5, 1.0, 1.5, 1.0, 1.5]), 2: torch.tensor([1.0, 1.0, 1.5, 1.5, 1.5])}
-    coef = torch.zeros(7)
-    for leaf, a in adv.items():
-        coef[index[leaf]] += a
-    out = reweight_packed(coef, index, adv, w)
-    want = torch.zeros(7)
-    for leaf, a in adv.items():
-        want.index_add_(0, index[leaf], a * w[leaf])
-    torch.testing.assert_close(out, want)
-    torch.testing.assert_close(reweight_packed(coef, index, adv, {k: torch.ones(5) for k in w}), coef)
-    with pytest.raises(ValueError, match="4 weights for 5 sampled tokens"):
-        reweight_packed(coef, index, adv, {1: torch.ones(4)})

@@ -1,4 +1,4 @@
-"""FlowTracer in the trainer: weights multiply the advantages in both update paths, a real step
+"""FlowTracer in the trainer: weights multiply the advantages in both layouts (rows, packed trees), a real step
 logs its credit metrics and samples, and the report shows them (escaped)."""
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from conftest import TINY_RUN
 from tracerl.config import load_config
 from tracerl.report.credit import credit_section
 from tracerl.report.html import write_report
-from tracerl.rollout import RolloutCost, encode_prompt, leaf_trajectories, replay_turns, turn_records
+from tracerl.packing import build_batch
+from tracerl.rollout import RolloutCost, encode_prompt, replay_turns, turn_records
 from tracerl.train import Trainer
-from tracerl.tree import RolloutTree
+from tracerl.tree import RolloutTree, tree_leaves
 
 
 
@@ -49,35 +50,56 @@ def trainer(tmp_path_factory):
     return tr
 
 
-def _expected_loss(trajs, adv, weights):
+def _expected_loss(leaves, adv, weights):
     """PG loss at ratio 1 (a fresh batch): −Σ_i A_i Σ_{sampled t} w_i(t) / Σ sampled tokens."""
     num = sum(a * float(w[torch.tensor(t.loss_mask, dtype=torch.bool)].sum())
-              for t, a, w in zip(trajs, adv.tolist(), weights))
-    return -num / sum(sum(t.loss_mask) for t in trajs)
+              for t, a, w in zip(leaves, adv.tolist(), weights))
+    return -num / sum(sum(t.loss_mask) for t in leaves)
 
 
-def test_weights_multiply_the_advantages_in_both_update_paths(trainer):
+def _with_adv(trees, seed):
+    """[(tree, {leaf: A})] with a random advantage per leaf, drawn in `tree_leaves` order."""
+    leaves = tree_leaves(trees)
+    adv = torch.randn(len(leaves), generator=torch.Generator().manual_seed(seed)).tolist()
+    out = [(t, {}) for t in trees]
+    for lf, a in zip(leaves, adv):
+        out[trees.index(lf.tree)][1][lf.node] = a
+    return out
+
+
+def test_weights_multiply_the_advantages_in_both_layouts(trainer):
     trees = oracle_trees(trainer.env, trainer.tokenizer, trainer.train_tasks[:3])
-    trajs = leaf_trajectories(trees)
-    assert len(trajs) == 9 and sum(t.reward for t in trajs) == 3
+    with_adv = _with_adv(trees, seed=0)
+    ref = build_batch(with_adv, "rows")
+    leaves, adv = ref.leaves, ref.adv
+    assert len(leaves) == 9 and sum(t.reward for t in leaves) == 3
     assert any(n.parent is not None and n.leaves > 1 for t in trees for n in t.nodes.values())  # shared prefixes
-    adv = torch.randn(len(trajs), generator=torch.Generator().manual_seed(0))
-    separate = trainer.credit(trajs, adv, step=0)  # a separate early-stopped attention pass
+    separate = trainer.credit(leaves, adv, step=0)  # a separate early-stopped attention pass
     assert separate is not None and any(torch.any(w != 1) for w in separate.weights)
     state = copy.deepcopy(trainer.model.state_dict())
     losses, steps = {}, {}
-    for name, fn, with_credit in (("rows", trainer.update, False), ("rows_w", trainer.update, True),
-                                  ("packed_w", trainer.update_packed, True)):
+    for name, layout, with_credit in (("rows", "rows", False), ("rows_w", "rows", True), ("packed_w", "trees", True)):
         trainer.model.load_state_dict(state)
-        steps[name] = trainer.credit.start(trajs, adv, step=0) if with_credit else None
-        losses[name] = fn(trajs, adv, 0, steps[name])["loss"]
+        batch = build_batch(with_adv, layout)
+        assert [(lf.tree, lf.node) for lf in batch.leaves] == [(lf.tree, lf.node) for lf in leaves]
+        assert torch.equal(batch.adv, adv)
+        steps[name] = trainer.credit.start(batch.leaves, batch.adv, step=0) if with_credit else None
+        losses[name] = trainer.update(batch, 0, steps[name])["loss"]
+        if with_credit:  # the batch's coefficients are A · w on each leaf's sampled tokens
+            w = steps[name].result().weights
+            for i, lf in enumerate(batch.leaves):
+                n = int(batch.mask[i].sum())
+                torch.testing.assert_close(batch.coef[i, :n], batch.adv[i] * w[i][batch.sampled_pos[i]])
+        else:
+            assert batch.weights is None and torch.equal(batch.coef, batch.adv[:, None] * batch.mask)
     trainer.model.load_state_dict(state)
     tapped = steps["rows_w"].result().weights  # read from the update's own (micro-batched, train-mode) forward
+    assert len(tapped) == len(separate.weights) == 9
     for w_tap, w_sep in zip(tapped, separate.weights):
         assert torch.equal(w_tap, w_sep)
-    ones = [torch.ones(len(t.token_ids)) for t in trajs]
-    assert losses["rows"] == pytest.approx(_expected_loss(trajs, adv, ones), abs=1e-5)
-    assert losses["rows_w"] == pytest.approx(_expected_loss(trajs, adv, tapped), abs=1e-5)
+    ones = [torch.ones(len(t.token_ids)) for t in leaves]
+    assert losses["rows"] == pytest.approx(_expected_loss(leaves, adv, ones), abs=1e-5)
+    assert losses["rows_w"] == pytest.approx(_expected_loss(leaves, adv, tapped), abs=1e-5)
     assert losses["packed_w"] == pytest.approx(losses["rows_w"], abs=1e-5)
     # the packed update read each leaf's map from its packed forward (tree mask, path positions): the
     # same maps as the leaf's own row up to float rounding, hence the same weights
@@ -87,21 +109,26 @@ def test_weights_multiply_the_advantages_in_both_update_paths(trainer):
     assert abs(losses["rows_w"] - losses["rows"]) > 1e-4  # the weights really changed the objective
 
 
-def test_old_logprob_pass_supplies_the_weights_when_there_is_one(trainer, monkeypatch):
+@pytest.mark.parametrize("layout", ["rows", "trees"])
+def test_old_logprob_pass_supplies_the_weights_when_there_is_one(trainer, monkeypatch, layout):
     """With several mini-batches the weights must come from π_old: the no-grad log-prob pass that
     precedes every optimizer step, not a later training forward."""
-    trajs = leaf_trajectories(oracle_trees(trainer.env, trainer.tokenizer, trainer.train_tasks[:2]))
-    adv = torch.randn(len(trajs), generator=torch.Generator().manual_seed(2))
+    with_adv = _with_adv(oracle_trees(trainer.env, trainer.tokenizer, trainer.train_tasks[:2]), seed=2)
+    ref = build_batch(with_adv, layout)
     state = copy.deepcopy(trainer.model.state_dict())
-    want = trainer.credit(trajs, adv, step=0).weights
+    want = trainer.credit(ref.leaves, ref.adv, step=0).weights
     monkeypatch.setattr(trainer.cfg.trainer, "mini_batches", 2)
     monkeypatch.setattr(trainer.cfg.trainer, "lr", 0.5)  # the first mini-batch's step changes the policy a lot
-    for update in (trainer.update, trainer.update_packed):
-        trainer.model.load_state_dict(state)
-        cs = trainer.credit.start(trajs, adv, step=0)
-        update(trajs, adv, 0, cs)
-        for w_tap, w_sep in zip(cs.result().weights, want):
-            assert torch.equal(w_tap, w_sep)
+    trainer.model.load_state_dict(state)
+    batch = build_batch(with_adv, layout)
+    assert len(batch.mini_batches(2)) == 2 and all(batch.mini_batches(2))
+    cs = trainer.credit.start(batch.leaves, batch.adv, step=0)
+    trainer.update(batch, 0, cs)
+    assert any(not torch.equal(a, b) for a, b in zip(state.values(), trainer.model.state_dict().values()))
+    got = cs.result().weights
+    assert len(got) == len(want) == 6 and any(torch.any(w != 1) for w in want)
+    for w_tap, w_sep in zip(got, want):
+        assert torch.equal(w_tap, w_sep)
     trainer.model.load_state_dict(state)
 
 

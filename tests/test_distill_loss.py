@@ -163,14 +163,16 @@ def test_routed_loss_value_is_pg_on_the_rest_plus_weighted_kl_means():
 def test_routed_loss_micro_batches_add_up_to_the_mini_batch():
     mask, key, error, logits, teacher, tokens, old, adv = _setup(seed=5, B=6)
     agg_fn = AGGREGATIONS.get("token-mean")
+    denominator = AGGREGATIONS.trait("token-mean", "denominator")  # the mini-batch's token count
     pg_m, fkl_m, rkl_m = route_masks("routed", mask, key, error, weight=1.0, reverse_on_errors=True)
+    assert denominator(pg_m) == pg_m.sum()
     whole, _ = routed_loss(_pg(logits, tokens, old, adv, pg_m), pg_m, fkl_m, rkl_m, logits, teacher, weight=1.0,
                            agg_fn=agg_fn)
     parts = 0.0
     for rows in torch.arange(6).split(4):
         sub = (pg_m[rows], fkl_m[rows], rkl_m[rows])
         loss, _ = routed_loss(_pg(logits[rows], tokens[rows], old[rows], adv[rows], sub[0]), *sub, logits[rows],
-                              teacher[rows], weight=1.0, agg_fn=agg_fn, pg_denominator=agg_fn.denominator(pg_m),
+                              teacher[rows], weight=1.0, agg_fn=agg_fn, pg_denominator=denominator(pg_m),
                               fkl_denominator=fkl_m.sum(), rkl_denominator=rkl_m.sum())
         parts += loss.item()
     assert parts == pytest.approx(whole.item(), rel=1e-12)
@@ -198,15 +200,15 @@ def test_schedule_edges_and_config_defaults():
     assert kl_weight_at(10**6, 0.5, 2, 10**9, 1) == 0.5  # a long hold keeps the weight
     with pytest.raises(ValueError):
         kl_weight_at(0, 1.0, -1, 0, 0)
-    # the spec's defaults: warm-up over 10% of the run, cosine down to 0 by 50%
+    # the defaults (docs/distillation.md §7): warm-up over 10% of the run, cosine down to 0 by 50%
     cfg = load_config(None, ["trainer.steps=100"])
     assert cfg.distill.mode == "off" and schedule_lengths(cfg) == (10, 0, 40)
     assert schedule_lengths(load_config(None, ["distill.warmup_steps=3", "distill.anneal_steps=7"])) == (3, 0, 7)
 
 
-def test_config_rejects_distill_with_packed_trees_in_one_line():
-    with pytest.raises(ConfigError, match="distill.mode=routed trains trees per leaf: set algo.dedup_prefix=false"):
-        load_config(None, ["distill.mode=routed", "algo.dedup_prefix=true"])
+def test_config_distill_errors_are_one_line():
+    # packed trees train distillation too (test_distill_train.py: the same step on both layouts)
+    assert load_config(None, ["distill.mode=routed", "algo.dedup_prefix=true"]).algo.dedup_prefix
     with pytest.raises(ConfigError, match="distill.annotator_model"):
         load_config(None, ["distill.mode=routed", "distill.annotator=external"])
     with pytest.raises(ConfigError, match="distill.mode"):

@@ -13,8 +13,10 @@ from conftest import SMALL_WORLD
 from tracerl.config import load_config
 from tracerl.distill.teacher import privileged_note, teacher_logprobs, teacher_sequence
 from tracerl.models.io import atomic_save_pretrained
-from tracerl.rollout import replay_turns
+from tracerl.packing import build_batch
+from tracerl.rollout import encode_prompt, replay_turns, turn_records
 from tracerl.train import Trainer
+from tracerl.tree import RolloutTree
 
 
 @pytest.fixture(scope="module")
@@ -68,18 +70,25 @@ def _trainer(tmp_path, model_dir, extra, env="multihop"):
 
 
 def _demos(tr, n_tasks=2, noise=("wrong_answer",)):
-    """Replayed oracle trajectories: per task one success and one failure (a known wrong answer)."""
+    """Replayed oracle chains: per task one tree holding a success and a failure (a known wrong answer),
+    both hanging from the root, with advantages +1 / −1 -> [(tree, {leaf: A})]."""
     rng = random.Random(0)
-    trajs = []
+    out = []
     tasks = [t for t in tr.train_tasks if t.meta.get("hops", 1) <= 2][:n_tasks]
     for g, task in enumerate(tasks):
+        tree = RolloutTree(task, g, 0, encode_prompt(tr.tokenizer, tr.env, task, "auto"), tr.env.initial_state(task))
+        adv = {}
         for wrong in (0.0, 1.0):
             t = replay_turns(tr.tokenizer, tr.env, task, tr.env.oracle_turns(task, rng, {k: wrong for k in noise}),
                              "auto", tr.cfg.model.max_context)
-            t.group = g
-            trajs.append(t)
-    assert [t.reward for t in trajs] == [1.0, 0.0] * n_tasks
-    return trajs, torch.tensor([1.0 if t.reward > 0 else -1.0 for t in trajs])
+            assert t.token_ids[: t.prompt_len] == tree.root.obs_ids
+            leaf = tree.attach(0, turn_records(t, 0), done=True, reward=t.reward, info=t.info)
+            assert tree.prefix(leaf)[:2] == (t.token_ids, t.loss_mask)  # the tree holds the replayed chain exactly
+            adv[leaf] = 1.0 if t.reward > 0 else -1.0
+        tree.update_stats()
+        out.append((tree, adv))
+    assert [tree.nodes[leaf].reward for tree, adv in out for leaf in sorted(adv)] == [1.0, 0.0] * n_tasks
+    return out
 
 
 def _params(model):
@@ -90,9 +99,8 @@ def _params(model):
 def test_routed_update_on_annotated_rollouts(tmp_path, model_dir, env):
     tr = _trainer(tmp_path, model_dir, ["distill.mode=routed", "distill.reverse_kl_on_errors=true",
                                         "distill.warmup_steps=0", "distill.max_span_frac=0.5"], env)
-    trajs, adv = _demos(tr)
     before = _params(tr.model)
-    out = tr.update(trajs, adv, 0)
+    out = tr.update(build_batch(_demos(tr), tr.layout()), 0)
     assert out["distill_weight"] == 1.0 and out["annotator_invalid_rate"] == 0.0
     assert out["kl_key"] > 0 and out["kl_error"] > 0 and out["teacher_s"] > 0 and out["teacher_rows"] == 4
     assert 0 < out["key_token_frac"] < 0.5 and 0 < out["error_token_frac"] < 0.5
@@ -102,18 +110,52 @@ def test_routed_update_on_annotated_rollouts(tmp_path, model_dir, env):
 
 def test_kl_weight_zero_step_equals_the_plain_grpo_step(tmp_path, model_dir):
     tr = _trainer(tmp_path, model_dir, ["distill.mode=routed", "distill.kl_weight=0", "distill.reverse_kl_on_errors=true"])
-    trajs, adv = _demos(tr)
+    demos = _demos(tr)
     state, opt = copy.deepcopy(tr.model.state_dict()), copy.deepcopy(tr.optimizer.state_dict())
-    routed = tr.update(trajs, adv, 0)
+    before = _params(tr.model)
+    routed = tr.update(build_batch(demos, tr.layout()), 0)
     after_routed = _params(tr.model)
+    assert any(not torch.equal(a, b) for a, b in zip(after_routed, before))
     tr.model.load_state_dict(state)
     tr.optimizer.load_state_dict(opt)
-    tr.distiller = None
-    tr.head_at_positions = False  # full logits, as the distiller's path computes them: bit-equal steps
-    plain = tr.update(trajs, adv, 0)
+    tr.distiller = None  # the same forward (one objective): bit-equal steps
+    plain = tr.update(build_batch(demos, tr.layout()), 0)
     assert routed["distill_weight"] == 0.0 and routed["teacher_s"] == 0.0 and "kl_key" not in routed
     assert routed["loss"] == plain["loss"] and routed["grad_norm"] == plain["grad_norm"]
     assert all(torch.equal(a, b) for a, b in zip(after_routed, tr.model.parameters()))
+
+
+def test_routed_update_is_the_same_on_both_layouts(tmp_path, model_dir):
+    """algo.dedup_prefix=true (packed trees, the prompt once per tree) trains routed distillation too:
+    from the same state its step, loss and KL terms are those of one row per leaf."""
+    tr = _trainer(tmp_path, model_dir, ["distill.mode=routed", "distill.reverse_kl_on_errors=true",
+                                        "distill.warmup_steps=0", "distill.max_span_frac=0.5",
+                                        "algo.dedup_prefix=true"])
+    assert tr.layout() == "trees"
+    demos = _demos(tr)
+    state = copy.deepcopy(tr.model.state_dict())
+    tr.cfg.trainer.lr = 1.0  # SGD at lr 1: the step is the clipped gradient itself
+    out, steps, packs = {}, {}, {}
+    for layout in ("rows", "trees"):
+        tr.model.load_state_dict(state)
+        tr.optimizer = torch.optim.SGD(tr.model.parameters(), lr=1.0)
+        batch = build_batch(demos, layout)
+        packs[layout] = len(batch.packs)
+        out[layout] = tr.update(batch, 0)
+        steps[layout] = {k: v - state[k] for k, v in tr.model.state_dict().items()}
+    tr.model.load_state_dict(state)
+    assert packs == {"rows": 4, "trees": 2}
+    r, t = out["rows"], out["trees"]
+    assert r["kl_key"] > 0 and r["kl_error"] > 0 and r["teacher_rows"] == t["teacher_rows"] == 4
+    for k in ("key_token_frac", "error_token_frac", "distill_weight", "annotator_invalid_rate"):
+        assert t[k] == r[k], k
+    for k in ("loss", "kl_key", "kl_error", "logp_drift"):
+        assert t[k] == pytest.approx(r[k], abs=1e-5), k
+    assert t["train_tokens"] < r["train_tokens"]  # the prompt runs once per tree
+    scale = max(float(v.abs().max()) for v in steps["rows"].values())
+    assert scale > 0
+    for k in steps["rows"]:
+        torch.testing.assert_close(steps["trees"][k], steps["rows"][k], atol=1e-4 * scale, rtol=1e-3)
 
 
 @pytest.mark.parametrize("env,extra", [

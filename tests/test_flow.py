@@ -1,4 +1,4 @@
-"""FlowTracer's flow on the attention DAG (METHODS.md §5.1): invariants on random attention
+"""FlowTracer's flow on the attention DAG (docs/flowtracer.md §4): invariants on random attention
 matrices, agreement with explicit recursions and with brute-force path enumeration."""
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def test_flow_invariants_on_random_attention(n, seed, sparsity, data):
 
 
 def loop_recursions(attn, source, sink, prompt):
-    """h and α by the explicit loops of METHODS.md §5.1 (no matrix algebra)."""
+    """h and α by the explicit loops of docs/flowtracer.md §4 (no matrix algebra)."""
     n = attn.shape[0]
     w = edge_weights(attn)
     blocked = prompt | source

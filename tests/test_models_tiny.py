@@ -169,7 +169,7 @@ def test_save_load_round_trip_gives_identical_logits(tok, model, tmp_path):
 def test_failed_save_leaves_nothing(tok, tmp_path):
     class Broken:
         def save_pretrained(self, path):
-            os.makedirs(path)
+            os.makedirs(path, exist_ok=True)  # as transformers does
             (path / "config.json").write_text("{}")
             raise OSError("disk full")
 

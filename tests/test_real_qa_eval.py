@@ -9,7 +9,8 @@ import torch
 from tracerl.envs.base import Task
 from tracerl.evaluate import breakdown, gold_recall, summarize
 from tracerl.report.html import render_report
-from tracerl.report.rundir import BREAKDOWN_FILE, read_run
+from tracerl.report.rundir import read_run
+from tracerl.rundir import BREAKDOWN_FILE
 from tracerl.rollout import Trajectory
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -13,7 +13,8 @@ from tracerl.config import load_config
 from tracerl.config import ConfigError
 from tracerl.models.io import atomic_save_pretrained, load_policy
 from tracerl.rollout import replay_turns
-from tracerl.sft import _demos, build_env, run_sft, sft_dir, sft_key, uses_sft
+from tracerl.setup import build_env, resolve_model_path, uses_sft, warm_start
+from tracerl.sft import _demos, sft_dir, sft_key
 
 
 def _demo_nll(model, tok, env, demos) -> float:
@@ -43,7 +44,7 @@ def test_sft_of_a_pretrained_path_keeps_its_tokenizer_and_lowers_the_demo_loss(b
             "sft.lr=3e-3", "sft.demos=60"]
     cfg = load_config(None, over)
     assert uses_sft(cfg) and not uses_sft(load_config(None, over[:-3] + ["sft.pretrained=false"]))
-    out = run_sft(cfg, log=lambda *a: None)
+    out = warm_start(cfg, log=lambda *a: None)
     assert out == sft_dir(cfg) and out.name.startswith("path-") and (out / "model.safetensors").is_file()
     meta = json.loads((out / "sft_meta.json").read_text())
     assert meta["steps"] == 20 and meta["key"] == sft_key(cfg)
@@ -57,11 +58,9 @@ def test_sft_of_a_pretrained_path_keeps_its_tokenizer_and_lowers_the_demo_loss(b
     assert after < 0.85 * before, (before, after)  # measured: 6.41 -> 4.87 nats per demo token (20 steps)
 
     # training starts from the SFT model, and a second call reuses the cache
-    from tracerl.train import resolve_model_path
-
     assert resolve_model_path(cfg, log=lambda *a: None) == out
     mtime = (out / "model.safetensors").stat().st_mtime_ns
-    assert run_sft(cfg, log=lambda *a: None) == out and (out / "model.safetensors").stat().st_mtime_ns == mtime
+    assert warm_start(cfg, log=lambda *a: None) == out and (out / "model.safetensors").stat().st_mtime_ns == mtime
 
 
 def test_sft_cache_key_tracks_the_base_model_and_leaves_tiny_keys_alone(base_dir, tmp_path, tiny_policy):
@@ -85,4 +84,4 @@ def test_sft_cache_key_tracks_the_base_model_and_leaves_tiny_keys_alone(base_dir
 def test_sft_of_a_pretrained_policy_needs_the_switch(base_dir):
     cfg = load_config(None, [*TINY_RUN, "model.preset=path", f"model.path={base_dir}"])
     with pytest.raises(ConfigError, match="sft.pretrained"):
-        run_sft(cfg, log=lambda *a: None)
+        warm_start(cfg, log=lambda *a: None)

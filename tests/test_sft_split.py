@@ -65,12 +65,14 @@ def test_trainer_draws_rl_prompts_only_from_the_held_out_share(tmp_path):
 
 
 def test_teacher_share_demos_carry_the_private_note_and_the_right_answer():
-    from tracerl.distill.teacher import NotedEnv
+    from tracerl.distill.teacher import NotedEnv, TeacherNoteDemos
     from tracerl.rollout import replay_turns
 
     env = make_env("multihop", seed=0, max_turns=4, top_k=2)
     cfg = load_config(None, ["sft.teacher_share=0.3", "sft.demos=300", "sft.wrong_answer=1.0"])
-    demos = _demos(env, cfg)
+    with pytest.raises(ValueError, match="note demos"):  # the recipe never draws notes of its own
+        _demos(env, cfg)
+    demos = _demos(env, cfg, TeacherNoteDemos())
     noted = [d for d in demos if d[2] is not None]
     assert 0.2 < len(noted) / len(demos) < 0.4
     for task, turns, note in noted:  # wrong_answer=1 makes every plain demo wrong, never a noted one

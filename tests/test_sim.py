@@ -1,130 +1,256 @@
-"""The rollout-free simulator: world semantics, one budget rule and one charge for every allocator,
-determinism, TRACE vs uniform with an oracle predictor, and the `tracerl sim` command."""
+"""The rollout-free simulator: the simulated engine and predictor behind the shipped allocators (the
+engine interface they share with real rollouts, what the engine charges, the predictor's noise model),
+the world's semantics, equal budgets, a known ordering, determinism and the `tracerl sim` command."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
+import math
 import random
 import statistics
 
 import pytest
 
+from tracerl.allocate import ALLOCATORS
+from tracerl.allocate.engine import NodeRef, TreeEngine, ValuePredictor
 from tracerl.cli import build_parser, main
-from tracerl.errors import OptionError
-from tracerl.sim import ORDER, SIM_ALLOCATORS, SimConfig, SimTree, World, batch_metrics, run_batch, simulate
-from tracerl.sim.run import tree_contrast
-from tracerl.sim.world import PromptStream, SimPrompt
+from tracerl.config import ConfigError
+from tracerl.errors import OptionError, TracerlError
+from tracerl.sim import (SimConfig, SimEngine, SimFeatures, SimPredictor, World, allocator_names, batch_metrics,
+                         build_config, default_token_budget, run_batch, simulate)
+from tracerl.sim.run import prompt_contrast
+from tracerl.sim.world import PromptStream
+from tracerl.tree import TreeError
 
-SMALL = dict(prompts=8, group_size=4)
-CONFIGS = [SimConfig(**SMALL), SimConfig(**SMALL, turns=1), SimConfig(**SMALL, early_stop=0.4, turns=4),
-           SimConfig(**SMALL, budget=300), SimConfig(**SMALL, budget=5000, oracle=True, turn_strength=1.0),
-           SimConfig(**SMALL, difficulty="point:0.0", root_solver="greedy")]
-
-
-def test_registry_holds_every_allocator_in_table_order():
-    assert sorted(ORDER) == SIM_ALLOCATORS.names()
+SMALL = ["rollout.prompts_per_step=8", "rollout.group_size=4"]
+WORLDS = {"default": SimConfig(), "one-turn": SimConfig(turns=1), "early-stop": SimConfig(early_stop=0.4, turns=4),
+          "all-fail": SimConfig(difficulty="point:0.0"), "s=1-oracle": SimConfig(turn_strength=1.0, oracle=True)}
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"T{c.turns}-b{c.budget}-e{c.early_stop}-{c.difficulty}")
-def test_every_allocator_spends_its_budget_under_one_overshoot_rule(cfg):
-    longest = cfg.turns * cfg.turn_range[1]
-    for name, batch in itertools.product(ORDER, range(2)):
-        trees, budget = run_batch(cfg, name, seed=0, batch=batch)
-        assert budget.jobs > 0
-        # a trajectory starts only below the limit, then runs to its end
-        assert budget.spent - budget.last_cost < budget.limit
-        assert budget.spent <= budget.limit + longest
-        if name != "dapo":  # DAPO may stop early once it has B mixed groups
-            assert budget.spent >= budget.limit, name
+def _engine(cfg: SimConfig = SimConfig(), seed: int = 0) -> tuple[SimEngine, PromptStream]:
+    return SimEngine(World(cfg, random.Random(seed))), PromptStream(cfg, 8, seed, 0)
 
 
-@pytest.mark.parametrize("name", ORDER)
-def test_allocators_charge_exactly_the_nodes_they_create(name):
-    """A tree's cost is the tokens of its nodes, whoever grew it: no prefix is charged twice."""
-    cfg = SimConfig(**SMALL, early_stop=0.2)
-    trees, budget = run_batch(cfg, name, seed=1, batch=0)
-    assert budget.spent == sum(t.total_tokens() for t in trees)
-    for t in trees:
-        on_paths = {n for leaf in t.leaves() for n in t.path(leaf)}
-        assert on_paths == set(range(len(t)))  # no pruning: every node lies on a leaf's path
-        assert all(t.tokens[n] >= cfg.turn_range[0] for n in range(1, len(t))) and t.tokens[0] == 0
+def _node_tokens(trees) -> int:
+    return sum(len(n.gen_ids) for t in trees for n in t.nodes.values())
 
 
-def test_continuation_pays_only_its_new_turns():
+# ---------------------------------------------------------------------------------- the interface
+
+
+def test_both_engines_implement_the_interface_allocators_use():
+    from tracerl.allocate.predictor import SuccessPredictor
+    from tracerl.rollout import RolloutEngine
+
+    checked = []
+    for proto, impls in ((TreeEngine, (RolloutEngine, SimEngine)), (ValuePredictor, (SuccessPredictor, SimPredictor))):
+        for name, member in vars(proto).items():
+            if name.startswith("_"):
+                continue
+            for impl in impls:
+                got = getattr(impl, name)
+                if callable(member):  # the same parameters, names and defaults
+                    want = [(k, p.default) for k, p in inspect.signature(member).parameters.items()]
+                    assert [(k, p.default) for k, p in inspect.signature(got).parameters.items()] == want, (impl, name)
+                else:
+                    assert isinstance(got, property), (impl, name)
+            checked.append(name)
+    assert checked == ["plant", "more_trees", "root_hidden", "grow", "warm", "predict"]
+    assert isinstance(_engine()[0], TreeEngine) and isinstance(SimPredictor(0.5), ValuePredictor)
+
+
+def test_simulator_runs_every_registered_allocator_in_table_order():
+    assert sorted(allocator_names()) == ALLOCATORS.names()
+    assert allocator_names()[:6] == ["uniform", "tree_grpo", "dapo", "pcl", "knapsack", "trace"]
+
+
+# ---------------------------------------------------------------------------------- the engine
+
+
+def test_sim_engine_charges_exactly_what_it_generates():
     cfg = SimConfig(turns=4, turn_tokens="10-30")
-    world = World(cfg, random.Random(0))
-    tree = SimTree(SimPrompt(0, 0.5, 0.5, 0.5))
-    leaf, cost = world.continue_from(tree, 0, branch=0)
-    assert tree.depth[leaf] == 4 and cost == tree.total_tokens()
-    before = tree.total_tokens()
-    leaf2, cost2 = world.continue_from(tree, 2, branch=0)
-    assert tree.depth[leaf2] == 4 and len(tree) == 7 and cost2 == tree.total_tokens() - before
-    with pytest.raises(ValueError):
-        world.continue_from(tree, leaf, branch=0)
+    eng, prompts = _engine(cfg)
+    trees = eng.plant(prompts.batch(2), [2, 1])
+    assert [(t.group, t.index) for t in trees] == [(0, 0), (0, 1), (1, 0)] and eng.trees == trees
+    assert eng.cost.gen_tokens == 0 and all(not t.hidden for t in trees)
+    leaves = eng.grow([(t, 0) for t in trees] + [(trees[0], 0)])
+    c = eng.cost
+    assert c.trajectories == 4 and c.continuations == 0 and c.continuation_gen_tokens == 0
+    assert c.gen_tokens == _node_tokens(trees) and c.tool_calls == 4 * 3  # every turn but the last calls a tool
+    assert c.prefill_tokens == c.prefill_saved == 0
+    assert all(trees[0].nodes[leaf].depth == 4 for leaf in leaves[::3])
+    # features wherever a generation can start (the root and every non-leaf node), never on a leaf
+    for t in trees:
+        assert set(t.hidden) == set(t.anchors()) and t.hidden[0] == SimFeatures(t.task.meta["v0"], t.task.meta["z"])
+        assert all(t.hidden[i].value == t.nodes[i].state["v"] for i in t.hidden)
+    # a continuation pays only the turns below its prefix and counts as one
+    before, mid = c.gen_tokens, trees[1].path(leaves[1])[2]  # depth 2: two turns to go
+    (leaf,) = eng.grow([(trees[1], mid.id)], continuation=True)
+    new = trees[1].path(leaf)[3:]
+    assert len(new) == 2 and c.gen_tokens - before == sum(len(n.gen_ids) for n in new) == c.continuation_gen_tokens
+    assert c.trajectories == 5 and c.continuations == 1 and c.tool_calls == 12 + 1
+    assert c.continuation_fraction == pytest.approx((c.gen_tokens - before) / (before / 4))  # 1 continuation, 4 chains
+    with pytest.raises(TreeError):
+        eng.grow([(trees[1], leaf)])
+
+
+def test_more_trees_share_the_root_and_root_features_are_free():
+    eng, prompts = _engine()
+    (a,) = eng.plant(prompts.batch(1), 1)
+    eng.root_hidden([a])
+    assert 0 in a.hidden and eng.cost.gen_tokens == 0
+    more = eng.more_trees(a, 2, 1)
+    assert [t.index for t in more] == [1, 2] and all(t.group == a.group and t.hidden[0] is a.hidden[0] for t in more)
+    assert eng.trees == [a, *more] and all(t.root.state == a.root.state and t.root.state is not a.root.state for t in more)
+
+
+def test_the_predictor_adds_logit_noise_once_per_node():
+    eng, prompts = _engine()
+    trees = eng.plant(prompts.batch(3), 1)
+    eng.grow([(t, 0) for t in trees])
+    refs = [NodeRef(t, i) for t in trees for i in t.hidden]
+    oracle, exact, noisy = SimPredictor(0.7, oracle=True), SimPredictor(0.0), SimPredictor(0.7)
+    assert oracle.warm and oracle.predict(refs) == [r.tree.hidden[r.node].value for r in refs]
+    assert exact.predict(refs) == pytest.approx(oracle.predict(refs))
+    for r, p in zip(refs, noisy.predict(refs)):
+        f = r.tree.hidden[r.node]
+        assert math.log(p / (1 - p)) == pytest.approx(math.log(f.value / (1 - f.value)) + 0.7 * f.z)
+    assert noisy.predict(refs) == noisy.predict(refs)  # a node always gets the same prediction
+    assert not SimPredictor(0.5, warm=False).warm
+    with pytest.raises(TracerlError, match="no features"):
+        noisy.predict([NodeRef(trees[0], trees[0].leaf_ids()[0])])
 
 
 def test_turns_are_a_martingale_with_the_stated_variance():
     s, v0, n = 0.3, 0.3, 4000
     world = World(SimConfig(turn_strength=s, turns=3), random.Random(0))
-    rewards, finals, first = [], [], []
-    for _ in range(n):
-        tree = SimTree(SimPrompt(0, v0, v0, v0))
-        leaf, _ = world.continue_from(tree, 0, branch=0)
-        rewards.append(tree.reward[leaf])
-        finals.append(tree.value[leaf])
-        first.append(tree.value[1])
+    runs = [world.trajectory(v0, 0) for _ in range(n)]
+    rewards, finals, first = [r[-1].reward for r in runs], [r[-1].value for r in runs], [r[0].value for r in runs]
     se = (v0 * (1 - v0) / n) ** 0.5
     assert abs(statistics.fmean(rewards) - v0) < 4 * se and abs(statistics.fmean(finals) - v0) < 4 * se
     assert statistics.pvariance(first) == pytest.approx(s * v0 * (1 - v0), rel=0.1)
-    assert all(0.0 <= v <= 1.0 for v in finals)
+    assert all(0.0 <= v <= 1.0 for v in finals) and all(len(r) == 3 for r in runs)
+    with pytest.raises(ValueError):
+        world.trajectory(0.5, 3)
 
 
 def test_expected_contrast_is_the_mean_of_realised_contrast_over_leaf_outcomes():
-    world = World(SimConfig(turns=3), random.Random(4))
-    tree = SimTree(SimPrompt(0, 0.4, 0.4, 0.4))
-    for anchor in (0, 0, 1, 2):
-        world.continue_from(tree, anchor, branch=0)
-    leaves = tree.leaves()
-    expected = tree_contrast(tree)[3]
+    eng, prompts = _engine(SimConfig(turns=3), seed=4)
+    a, b = eng.plant(prompts.batch(1), 2)  # two trees of one prompt: the root pools both
+    eng.grow([(a, 0), (a, 0), (b, 0)])
+    mid = [i for i in a.anchors() if i]
+    eng.grow([(a, mid[0]), (b, 1)], continuation=True)
+    leaves = [(t, i) for t in (a, b) for i in t.leaf_ids()]
+    expected = prompt_contrast([a, b])[3]
     mean = 0.0
-    for outcome in itertools.product((0, 1), repeat=len(leaves)):
+    for outcome in itertools.product((0.0, 1.0), repeat=len(leaves)):
         prob = 1.0
-        for leaf, r in zip(leaves, outcome):
-            tree.reward[leaf] = r
-            prob *= tree.value[leaf] if r else 1 - tree.value[leaf]
-        mean += prob * tree_contrast(tree)[2]
+        for (t, leaf), r in zip(leaves, outcome):
+            t.nodes[leaf].reward = r
+            v = t.nodes[leaf].state["v"]
+            prob *= v if r else 1 - v
+        mean += prob * prompt_contrast([a, b])[2]
     assert expected == pytest.approx(mean, abs=1e-12)
 
 
+# ---------------------------------------------------------------------------------- the shipped allocators
+
+
+@pytest.mark.parametrize("world", WORLDS, ids=str)
+@pytest.mark.parametrize("name", ALLOCATORS.names())
+def test_every_shipped_allocator_runs_and_is_charged_for_every_tree_it_grows(name, world):
+    sim = WORLDS[world]
+    for overrides, seed in itertools.product((SMALL, SMALL + ["rollout.token_budget=null", "alloc.root_solver=greedy"]),
+                                             range(2)):
+        b = run_batch(sim, build_config(sim, overrides, name), seed, 0)
+        eng, c = b.engine, b.engine.cost
+        assert b.trees and all(any(t is u for u in eng.trees) for t in b.trees)
+        assert c.gen_tokens == _node_tokens(eng.trees) > 0  # nothing pruned (K unset), discarded work included
+        assert c.trajectories == sum(len(t.leaf_ids()) for t in eng.trees)
+        assert c.continuation_gen_tokens <= c.gen_tokens and c.continuations <= c.trajectories
+        m = batch_metrics(b)
+        assert m["leaves"] == sum(len(t.leaf_ids()) for t in b.trees) <= m["leaves_generated"] == c.trajectories
+        assert 0 <= m["effective_ratio"] <= 1 and m["tokens"] == c.gen_tokens
+        if name in ("uniform", "tree_grpo", "knapsack"):
+            assert b.metrics["pool_size"] == 8  # the batch only
+        if name in ("pcl", "trace"):
+            assert b.metrics["pool_size"] == 32  # the simulator's pool of 4B
+        if name == "trace":
+            M = 8 * 4 // 2
+            restarts, left = b.metrics["stage2_restarts"], b.metrics["stage2_leftover"]
+            bare = c.trajectories - c.continuations
+            assert bare == M + restarts + left + b.metrics["budget_chains"]
+            assert c.continuations + restarts + left == 2 * M
+
+
+def test_every_allocator_is_given_the_same_budget_and_spends_it():
+    """One step budget for all (rollout.token_budget × B = G chains per prompt in expectation). How far
+    past it each one goes is its own rule (shipped code, measured here over 3 seeds × 2 batches of
+    B = 64): uniform adds ≥ 1 chain to every prompt still under its share, Tree-GRPO N continuations to
+    every tree under its share, TRACE and the others top the step up in waves of the measured mean chain
+    length, DAPO starts another round of groups of G if the first left the budget unspent."""
+    sim = SimConfig()
+    limits = {"uniform": 1.10, "tree_grpo": 1.25, "dapo": 2.0, "pcl": 1.05, "knapsack": 1.05, "trace": 1.15}
+    for name in allocator_names():
+        cfg = build_config(sim, [], name)
+        assert cfg.rollout.token_budget == default_token_budget(sim, 8) == 960
+        for seed, batch in itertools.product(range(3), range(2)):
+            b = run_batch(sim, cfg, seed, batch)
+            assert b.budget == 61_440
+            spent = b.engine.cost.gen_tokens
+            assert spent >= b.budget or (name == "dapo" and b.metrics["dapo_groups_kept"] == 64), (name, spent)
+            assert spent <= limits.get(name, 1.25) * b.budget, (name, spent)
+    unbudgeted = run_batch(sim, build_config(sim, SMALL + ["rollout.token_budget=null"], "uniform"), 0, 0)
+    assert unbudgeted.budget is None and unbudgeted.engine.cost.trajectories == 8 * 4  # exactly G chains each
+
+
+def test_with_an_informative_predictor_trace_and_pcl_find_more_mixed_prompts_than_uniform():
+    # measured over seeds 0..3 (3 batches, B = 16): uniform 0.52–0.71, pcl 0.92–1.0, trace 0.91–0.97; σ = 50: 0.62
+    res = simulate(SimConfig(oracle=True), ["rollout.prompts_per_step=16"], ["uniform", "pcl", "trace"],
+                   seed=0, seeds=4, batches=3)["allocators"]
+    eff = {k: v["effective_ratio"] for k, v in res.items()}
+    assert eff["trace"] >= eff["uniform"] + 0.15 and eff["pcl"] >= eff["uniform"] + 0.15, eff
+    assert res["trace"]["mixed_anchors"] > 3 * res["uniform"]["mixed_anchors"]
+    # an uninformative predictor takes most of it away
+    blind = simulate(SimConfig(predictor_noise=50.0), ["rollout.prompts_per_step=16"], ["trace"], seeds=4,
+                     batches=3)["allocators"]["trace"]["effective_ratio"]
+    assert blind < eff["trace"] - 0.1
+
+
 def test_every_allocator_sees_the_same_prompts():
-    cfg = SimConfig(**SMALL)
-    firsts = {name: sorted(t.prompt.v0 for t in run_batch(cfg, name, 2, 0)[0]) for name in ("uniform", "tree_grpo")}
-    assert firsts["uniform"] == firsts["tree_grpo"] == sorted(p.v0 for p in PromptStream(cfg, 2, 0).take(0, 8))
+    sim = SimConfig()
+    batch = PromptStream(sim, 4, 2, 0).batch(8)
+    for name in ("uniform", "tree_grpo", "pcl"):
+        trees = run_batch(sim, build_config(sim, SMALL, name), 2, 0).engine.trees
+        assert [t.task for t in trees if t.index == 0][:8] == batch, name  # PCL: the batch first, then its pool
 
 
 def test_fixed_seed_is_deterministic():
-    cfg = SimConfig(**SMALL)
-    a = simulate(cfg, "all", seed=3, batches=2)
-    assert a == simulate(cfg, "all", seed=3, batches=2)
-    assert a["allocators"] != simulate(cfg, "all", seed=4, batches=2)["allocators"]
+    a = simulate(SimConfig(), SMALL, "all", seed=3, batches=2)
+    assert a == simulate(SimConfig(), SMALL, "all", seed=3, batches=2)
+    assert a["allocators"] != simulate(SimConfig(), SMALL, "all", seed=4, batches=2)["allocators"]
 
 
-def test_oracle_trace_has_a_higher_effective_ratio_than_uniform_on_mixed_difficulty():
-    # measured over seeds 0..5 (3 batches, B = 16): uniform 0.50–0.69, trace 0.88–0.96; mean gap ≈ 0.34
-    cfg = SimConfig(prompts=16, oracle=True, difficulty="beta:0.5,0.5")
-    res = simulate(cfg, ["uniform", "trace"], seed=0, seeds=4, batches=3)["allocators"]
-    assert res["trace"]["effective_ratio"] >= res["uniform"]["effective_ratio"] + 0.1
+# ---------------------------------------------------------------------------------- options
 
 
-def test_batch_metrics_count_prompts_with_rollouts_only():
-    cfg = SimConfig(**SMALL)
-    trees, budget = run_batch(cfg, "trace", 0, 0)
-    m = batch_metrics(trees + [SimTree(SimPrompt(99, 0.5, 0.5, 0.5))], budget)
-    assert m["prompts"] == len(trees) and m["leaves"] == m["leaves_generated"] == sum(len(t.leaves()) for t in trees)
-
-
-def test_bad_options_fail_with_one_line():
+def test_options_are_the_training_configs():
+    sim = SimConfig(turns=5, turn_tokens="10")
+    cfg = build_config(sim, ["alloc.epsilon=0", "rollout.group_size=4", "alloc.cap_root=8"], "trace")
+    assert (cfg.rollout.allocator, cfg.rollout.prompts_per_step, cfg.alloc.pool_factor) == ("trace", 64, 4.0)
+    assert (cfg.alloc.epsilon, cfg.alloc.cap_root, cfg.rollout.token_budget) == (0.0, 8, 4 * 50)
+    assert build_config(sim, ["rollout.token_budget=100"]).rollout.token_budget == 100
+    with pytest.raises(ConfigError, match="unknown config key 'alloc.explore'"):
+        build_config(sim, ["alloc.explore=0.1"])
+    with pytest.raises(ConfigError, match="cannot be split over a pool"):  # the training config's own checks
+        build_config(sim, ["rollout.prompts_per_step=2", "alloc.pool_factor=1", "alloc.cap_root=2"], "trace")
+    for bad in (["trainer.lr=1"], ["rollout.allocator=trace"]):
+        with pytest.raises(OptionError, match="rollout.\\* and alloc.\\* overrides only"):
+            build_config(sim, bad)
+    with pytest.raises(OptionError, match="valid:"):
+        build_config(sim, [], "nope")
     for bad in (dict(difficulty="beta:0,1"), dict(turn_tokens="60-20"), dict(turn_strength=1.5)):
         with pytest.raises(OptionError):
             SimConfig(**bad)
@@ -136,64 +262,18 @@ def test_cli_defaults_match_simconfig():
     for key, value in vars(args).items():
         if hasattr(default, key):
             assert getattr(default, key) == value, key
+    assert args.overrides == []
 
 
-def test_cli_json_parses(capsys):
-    code = main(["sim", "--allocator", "all", "--prompts", "6", "--batches", "2", "--seeds", "2", "--oracle",
-                 "--difficulty", "beta:2,5", "--json"])
+def test_cli_json_parses_and_takes_overrides(capsys):
+    code = main(["sim", "--allocator", "all", "--batches", "2", "--seeds", "2", "--oracle", "--difficulty", "beta:2,5",
+                 "--json", "rollout.prompts_per_step=6", "alloc.epsilon=0"])
     assert code == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    res = json.loads(out[-1])
-    assert list(res["allocators"]) == list(ORDER) and res["config"]["oracle"] is True
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(res["allocators"]) == allocator_names() and res["sim"]["oracle"] is True
+    assert res["rollout"]["prompts_per_step"] == 6 and res["alloc"]["epsilon"] == 0 and res["budget"] == 6 * 960
     for row in res["allocators"].values():
         for key in ("effective_ratio", "mixed_anchors", "expected_contrast", "realised_contrast", "leaves", "tokens"):
             assert key in row
     assert main(["sim", "--allocator", "nope"]) == 2 and "valid:" in capsys.readouterr().err
-
-
-def _two_chain_tree() -> SimTree:
-    """Root → chains A (node 1 → leaf 2, success) and B (node 3 → leaf 4, failure), plus a second leaf
-    below node 1 (5, failure): node 1 is mixed, node 3 is not."""
-    t = SimTree(SimPrompt(0, 0.5, 0.5, 0.5))
-    a = t.add(0, 0.5, 0.5, 10, False, None, 0)
-    t.add(a, 1.0, 0.5, 10, True, 1, 0)
-    b = t.add(0, 0.5, 0.5, 10, False, None, 1)
-    t.add(b, 0.0, 0.5, 10, True, 0, 1)
-    t.add(a, 0.0, 0.5, 10, True, 0, 0)
-    return t
-
-
-def test_stage2_expands_only_prefixes_whose_leaves_share_one_outcome():
-    from tracerl.sim.allocators import _stage2
-    from tracerl.sim.world import TokenBudget
-
-    carried = []
-    for rounds, seed in itertools.product([1, 2], range(8)):
-        cfg = SimConfig(turns=2, rounds=rounds, stage2_root=False, expansions=2, anchor_cap=4)
-        tree = _two_chain_tree()
-        (left,) = _stage2([tree], [1], TokenBudget(10**6, World(cfg, random.Random(seed))), cfg)  # 2 continuations
-        new = list(range(6, len(tree)))
-        assert tree.parent.count(1) == 2  # node 1 is mixed from the start: never expanded
-        assert all(tree.parent[n] == 3 for n in new) and len(new) + left == 2
-        if rounds == 1:
-            assert left == 0
-        else:  # round 2 re-scores: once node 3's first continuation succeeds it is mixed, no anchor is left
-            assert left == tree.reward[6]
-            carried.append(left)
-    assert 0 in carried and 1 in carried  # both branches of the re-scoring were exercised
-
-
-def test_stage2_restarts_a_prompt_from_its_root_when_no_prefix_is_left():
-    from tracerl.sim.allocators import _stage2
-    from tracerl.sim.world import TokenBudget
-
-    cfg = SimConfig(turns=1, rounds=2, expansions=2)  # one-turn chains: no prefix to continue from
-    for root, want_left in ((True, 0), (False, 4)):
-        cfg.stage2_root = root
-        world = World(cfg, random.Random(0))
-        tree = SimTree(SimPrompt(0, 0.0, 0.3, 0.0))  # V = 0: every chain fails, the root is never mixed
-        budget = TokenBudget(10**6, world)
-        for j in range(2):
-            budget.grow(tree, 0, branch=j)
-        left = _stage2([tree], [2], budget, cfg)
-        assert left == [want_left] and tree.root_chains == 2 + (4 - want_left)
+    assert main(["sim", "alloc.explore=1"]) == 2 and "unknown config key 'alloc.explore'" in capsys.readouterr().err

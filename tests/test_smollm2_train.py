@@ -5,8 +5,9 @@ import torch
 
 from conftest import SMALL_WORLD
 from tracerl.config import load_config
-from tracerl.rollout import leaf_trajectories
+from tracerl.packing import build_batch
 from tracerl.train import Trainer
+from tracerl.tree import tree_leaves
 
 
 @pytest.mark.slow
@@ -22,14 +23,16 @@ def test_smollm2_rollout_and_training_step(tmp_path):
     tr.setup()
     assert tr.tokenizer.chat_template  # prompts go through SmolLM2's own chat template
     trees, cost = tr.rollout(0)
-    trajs = leaf_trajectories(trees)
-    assert len(trees) == 1 and len(trajs) == 2 and all(t.done for t in trajs) and cost.gen_tokens > 0
+    trajs = tree_leaves(trees)
+    assert len(trees) == 1 and len(trajs) == 2 and cost.gen_tokens > 0
+    assert all(trees[0].nodes[t.node].done for t in trajs)
     for t in trajs:
         assert 1 <= t.num_turns <= 2 and t.reward in (0.0, 1.0)
         assert "<|im_start|>assistant" in tr.tokenizer.decode(t.token_ids[: t.prompt_len])
     before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
     # a real update with opposite advantages (the sampled rewards may well be equal for a 135M model)
-    stats = tr.update(trajs, torch.tensor([1.0, -1.0]), step=0)
+    batch = build_batch([(trees[0], {trajs[0].node: 1.0, trajs[1].node: -1.0})], tr.layout())
+    stats = tr.update(batch, step=0)
     assert torch.isfinite(torch.tensor(stats["loss"])) and stats["grad_norm"] > 0
     # the trainer recomputes exactly the log-probs the sampler reported: no re-tokenisation drift
     assert stats["logp_drift"] < 1e-3

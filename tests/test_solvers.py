@@ -1,4 +1,4 @@
-"""TRACE budget solvers against brute force on small instances (METHODS.md §4.2, §4.3, §2)."""
+"""TRACE budget solvers against brute force on small instances (docs/trace.md §2, §5, §7)."""
 
 from __future__ import annotations
 

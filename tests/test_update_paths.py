@@ -7,26 +7,37 @@ import torch
 
 from conftest import TINY_RUN
 from tracerl.config import load_config
-from tracerl.rollout import leaf_trajectories
+from tracerl.packing import build_batch
 from tracerl.train import Trainer
+from tracerl.tree import tree_leaves
 
 
-def test_head_at_trained_positions_equals_full_logits(tmp_path):
+def _with_adv(trees, seed):
+    """[(tree, {leaf: A})] with a random advantage per leaf, drawn in `tree_leaves` order."""
+    leaves = tree_leaves(trees)
+    adv = torch.randn(len(leaves), generator=torch.Generator().manual_seed(seed)).tolist()
+    out = [(t, {}) for t in trees]
+    for lf, a in zip(leaves, adv):
+        out[trees.index(lf.tree)][1][lf.node] = a
+    return out
+
+
+@pytest.mark.parametrize("layout", ["rows", "trees"])
+def test_head_at_trained_positions_equals_full_logits(tmp_path, layout):
     cfg = load_config(None, [*TINY_RUN, f"run.dir={tmp_path / 'r'}", "trainer.warmup_steps=0",
                              "trainer.micro_batch_size=3"])
     tr = Trainer(cfg, log=lambda *_: None)
     tr.setup()
-    assert tr.head_at_positions  # a Qwen3 model: logits are lm_head(last hidden state)
-    trajs = leaf_trajectories(tr.rollout(0)[0])
-    adv = torch.randn(len(trajs), generator=torch.Generator().manual_seed(3))
+    assert tr.spec.head_at_positions  # a Qwen3 model: logits are lm_head(last hidden state)
+    with_adv = _with_adv(tr.rollout(0)[0], seed=3)
     start = copy.deepcopy(tr.model.state_dict())
     tr.cfg.trainer.lr = 1.0  # SGD at lr 1: the step is the clipped gradient itself
     steps, stats = {}, {}
     for fast in (False, True):
         tr.model.load_state_dict(start)
         tr.optimizer = torch.optim.SGD(tr.model.parameters(), lr=1.0)
-        tr.head_at_positions = fast
-        stats[fast] = tr.update(trajs, adv, 0)
+        tr.spec.head_at_positions = fast
+        stats[fast] = tr.update(build_batch(with_adv, layout), 0)
         steps[fast] = {k: v - start[k] for k, v in tr.model.state_dict().items()}
     assert stats[True]["loss"] == pytest.approx(stats[False]["loss"], abs=1e-6)
     assert stats[True]["logp_drift"] == pytest.approx(stats[False]["logp_drift"], abs=1e-7)
@@ -36,11 +47,12 @@ def test_head_at_trained_positions_equals_full_logits(tmp_path):
         torch.testing.assert_close(steps[True][k], steps[False][k], atol=1e-4 * scale, rtol=1e-3)
 
 
-
-def test_head_at_positions_keeps_the_ratio_at_one_off_the_trained_positions(tmp_path, monkeypatch):
-    """With ppo_epochs > 1 the ratio's π_old comes from a full pass; off the trained positions the
-    head-at-positions log-prob is 0, so the policy loss must see old = new there (log-ratio 0), whatever
-    π_old says, or a loss without ppo_clip's clamp would get exp(−log π_old) overflows."""
+@pytest.mark.parametrize("layout", ["rows", "trees"])
+def test_head_at_positions_keeps_the_ratio_at_one_off_the_trained_positions(tmp_path, monkeypatch, layout):
+    """With ppo_epochs > 1 the ratio's π_old comes from a separate pass (`Trainer._score`), which holds
+    log-probs of the scored (sampled) tokens only; every other cell of the leaf matrix the policy loss
+    reads (padding after a leaf's last sampled token) must see old = new (log-ratio exactly 0), or a
+    loss without ppo_clip's clamp would get exp(−log π_old) overflows."""
     from tracerl.algos import POLICY_LOSSES
     from tracerl.algos.losses import ppo_clip
 
@@ -48,26 +60,30 @@ def test_head_at_positions_keeps_the_ratio_at_one_off_the_trained_positions(tmp_
                              "trainer.ppo_epochs=2"])
     tr = Trainer(cfg, log=lambda *_: None)
     tr.setup()
-    trajs = leaf_trajectories(tr.rollout(0)[0])
-    adv = torch.randn(len(trajs), generator=torch.Generator().manual_seed(4))
-    real = tr._logprobs
+    batch = build_batch(_with_adv(tr.rollout(0)[0], seed=4), layout)
+    real = tr._score
+    calls = []
 
-    def old_pass(model, ids, attn, credit=None):  # π_old, with prompt / observation tokens absurdly unlikely
-        out = real(model, ids, attn, credit)
-        trained = torch.zeros_like(out)
-        for i, t in enumerate(trajs):
-            trained[i, : len(t.loss_mask) - 1] = torch.tensor(t.loss_mask[1:], dtype=torch.float32)
-        return out - 200.0 * (1 - trained)
+    def old_pass(model, b, hook=None):  # π_old: one value per scored token of each pack, nothing else
+        out = real(model, b, hook)
+        assert sorted(out) == list(range(len(b.packs)))
+        assert all(out[k].shape == b.packs[k].tgt.shape for k in out)
+        calls.append(len(out))
+        return out
 
-    seen = []
+    seen, padding = [], []
 
     def probe(logp, old_logp, advantages, mask, **kw):
-        seen.append(float((logp - old_logp).detach().abs().masked_fill(mask.bool(), 0.0).max()))
+        off = ~mask.bool()
+        padding.append(int(off.sum()))
+        seen.append(float((logp - old_logp).detach().abs().masked_fill(~off, 0.0).max()))
         return ppo_clip(logp, old_logp, advantages, mask, **kw)
 
     monkeypatch.setitem(POLICY_LOSSES._items, "ratio_probe", probe)
-    monkeypatch.setattr(tr.cfg.algo, "policy_loss", "ratio_probe")
-    tr._logprobs = old_pass
-    out = tr.update(trajs, adv, 0)
+    monkeypatch.setattr(tr.spec, "policy_loss", "ratio_probe")
+    monkeypatch.setattr(tr, "_score", old_pass)
+    out = tr.update(batch, 0)
+    assert calls == [len(batch.packs)]  # one π_old pass, before the first optimizer step
     assert seen and max(seen) == 0.0  # off the trained positions: log-ratio exactly 0
+    assert sum(padding) > 0  # leaves of different lengths: there are such cells
     assert all(torch.isfinite(torch.tensor(v)) for v in out.values())

@@ -1,14 +1,14 @@
 """Atomic checkpoints: safetensors weights + optimizer tensors + JSON trainer state.
 
 A checkpoint is written into a hidden temporary directory and renamed into place only when every
-file is on disk, so a directory named `step_XXXXXX` is always complete. Nothing is unpickled on load.
+file is on disk (`rundir.atomic_dir`), so a directory named `step_XXXXXX` is always complete. Nothing
+is unpickled on load.
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tracerl.errors import CheckpointError
+from tracerl.rundir import CHECKPOINT_MODEL_DIR, atomic_dir, step_name
 
 STATE_FILE = "trainer_state.json"
 
@@ -63,29 +64,18 @@ def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, optimizer, sta
                     extra: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoints/step_XXXXXX atomically and prune old ones; returns the final path.
     `extra(dir)` writes further files into the checkpoint before it is renamed into place."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step_{step:06d}"
-    tmp = ckpt_root / f".tmp_step_{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    final = ckpt_root / step_name(step)
     try:
-        tmp.mkdir()
-        model.save_pretrained(tmp / "model")  # safetensors
-        tokenizer.save_pretrained(tmp / "model")
-        tensors, meta = optimizer_tensors(optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(meta))
-        if extra is not None:
-            extra(tmp)
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "rng": rng_state()}, indent=1))
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with atomic_dir(final) as tmp:
+            model.save_pretrained(tmp / CHECKPOINT_MODEL_DIR)  # safetensors
+            tokenizer.save_pretrained(tmp / CHECKPOINT_MODEL_DIR)
+            tensors, meta = optimizer_tensors(optimizer)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "optimizer.json").write_text(json.dumps(meta))
+            if extra is not None:
+                extra(tmp)
+            (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "rng": rng_state()}, indent=1))
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         prev = latest_checkpoint(ckpt_root)
         kept = f"; the previous checkpoint {prev.name} is intact" if prev else ""

@@ -9,7 +9,7 @@
     tracerl report runs/quickstart                  # writes runs/quickstart/report.html
     tracerl compare runs/a runs/b --out cmp.html    # methods side by side, seeds pooled
     tracerl calibrate [--steps 3]                   # measured chain / continuation cost -> equal-cost tree sizes
-    tracerl sim --allocator all [--json]            # allocators at equal token budget on simulated prompts
+    tracerl sim --allocator all [alloc.epsilon=0]   # the shipped allocators at equal token budget on simulated prompts
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def cmd_train(args) -> int:
 def _model_config(path, overrides):
     """The config of a command that runs the model, with run.threads applied as `tracerl train` applies it."""
     from tracerl.config import load_config
-    from tracerl.train import apply_threads
+    from tracerl.setup import apply_threads
 
     cfg = load_config(path, overrides)
     apply_threads(cfg)
@@ -66,28 +66,29 @@ def _model_config(path, overrides):
 
 
 def cmd_sft(args) -> int:
-    from tracerl.sft import run_sft
+    from tracerl.setup import warm_start
 
     _quiet_transformers()
     cfg = _model_config(_config_path(args.config), args.overrides)
-    print(f"SFT model: {run_sft(cfg, force=args.force)}")
+    print(f"SFT model: {warm_start(cfg, force=args.force)}")
     return 0
 
 
 def _resolve_checkpoint(path: Path) -> tuple[Path, Path | None]:
     """(model dir, run dir or None) from a run dir, a checkpoint dir or a plain model dir."""
     from tracerl.checkpoint import latest_checkpoint
+    from tracerl.rundir import CHECKPOINT_DIR, CHECKPOINT_MODEL_DIR, CONFIG_FILE
 
     if not path.exists():
         raise TracerlError(f"checkpoint path {path} does not exist")
-    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
-        ckpt = latest_checkpoint(path / "checkpoints")
+    if (path / CONFIG_FILE).is_file() and (path / CHECKPOINT_DIR).is_dir():
+        ckpt = latest_checkpoint(path / CHECKPOINT_DIR)
         if ckpt is None:
             raise TracerlError(f"run directory {path} has no complete checkpoint")
-        return ckpt / "model", path
-    if (path / "model" / "config.json").is_file():
+        return ckpt / CHECKPOINT_MODEL_DIR, path
+    if (path / CHECKPOINT_MODEL_DIR / "config.json").is_file():
         run = path.parent.parent
-        return path / "model", run if (run / "config.yaml").is_file() else None
+        return path / CHECKPOINT_MODEL_DIR, run if (run / CONFIG_FILE).is_file() else None
     return path, None
 
 
@@ -98,19 +99,18 @@ def cmd_eval(args) -> int:
     from tracerl.backends.hf import HFPolicy
     from tracerl.evaluate import breakdown, evaluate
     from tracerl.models.io import load_policy
-    from tracerl.sft import build_env
+    from tracerl.rundir import BREAKDOWN_FILE, CONFIG_FILE, EVAL_CLI_FILE
+    from tracerl.setup import build_env, resolve_model_path
 
     _quiet_transformers()
     if args.checkpoint == "preset":  # the config's initial policy, before any RL
         if not args.config:
             raise TracerlError("`tracerl eval preset` evaluates the model of --config; pass --config FILE.yaml")
-        from tracerl.train import resolve_model_path
-
         cfg = _model_config(args.config, args.overrides)
         model_dir, run_dir = resolve_model_path(cfg), None
     else:
         model_dir, run_dir = _resolve_checkpoint(Path(args.checkpoint))
-        cfg_path = args.config or (str(run_dir / "config.yaml") if run_dir else _config_path(None))
+        cfg_path = args.config or (str(run_dir / CONFIG_FILE) if run_dir else _config_path(None))
         cfg = _model_config(cfg_path, args.overrides)
     if args.out:
         run_dir = Path(args.out)
@@ -135,11 +135,10 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps({"split": args.split, **res, **({"breakdown": rows} if rows else {})}))
     if run_dir is not None:
-        with open(run_dir / "eval_cli.jsonl", "a") as f:
+        with open(run_dir / EVAL_CLI_FILE, "a") as f:
             f.write(json.dumps({"model": str(model_dir), "split": args.split, **res}) + "\n")
         if rows:
             from tracerl.report import write_report
-            from tracerl.report.rundir import BREAKDOWN_FILE
 
             with open(run_dir / BREAKDOWN_FILE, "a") as f:
                 f.write(json.dumps({"model": str(model_dir), "split": args.split, "rows": rows}) + "\n")
@@ -183,9 +182,10 @@ def cmd_serve_retriever(args) -> int:
 
 def cmd_report(args) -> int:
     from tracerl.report import write_report
+    from tracerl.rundir import CONFIG_FILE, METRICS_FILE
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "metrics.jsonl").is_file() and not (run_dir / "config.yaml").is_file():
+    if not (run_dir / METRICS_FILE).is_file() and not (run_dir / CONFIG_FILE).is_file():
         raise TracerlError(f"{run_dir} is not a run directory (no config.yaml or metrics.jsonl)")
     if args.tree_prompts < 0:
         raise TracerlError(f"--tree-prompts must be >= 0, got {args.tree_prompts}")
@@ -201,7 +201,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from tracerl.allocate.calibrate import calibrate, overrides_for
+    from tracerl.calibrate import calibrate, overrides_for
 
     _quiet_transformers()
     if args.steps < 1:
@@ -231,7 +231,7 @@ def cmd_sim(args) -> int:
     cfg = SimConfig(**options)  # options the command does not expose keep their SimConfig defaults
     if args.seeds < 1 or args.batches < 1:
         raise TracerlError(f"--seeds and --batches must be >= 1, got {args.seeds} and {args.batches}")
-    result = simulate(cfg, args.allocator, seed=args.seed, seeds=args.seeds, batches=args.batches)
+    result = simulate(cfg, args.overrides, args.allocator, seed=args.seed, seeds=args.seeds, batches=args.batches)
     console = Console()
     # a pipe or file gets the full table rather than rich's 80-column fallback
     (console if console.is_terminal else Console(width=150)).print(summary_table(result))
@@ -299,35 +299,25 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("overrides", nargs="*")
     k.set_defaults(fn=cmd_calibrate)
 
-    m = sub.add_parser("sim", help="compare allocators at equal token budget on simulated prompts (no model)")
+    m = sub.add_parser("sim", help="run the shipped allocators at equal token budget on simulated prompts (no model)")
     m.add_argument("--allocator", default="all",
-                   help="uniform, tree_grpo, dapo, pcl, knapsack, trace, or all (default: all, side by side)")
-    m.add_argument("--prompts", type=int, default=64, help="B: prompts per batch (default 64)")
+                   help="a shipped allocator (uniform, tree_grpo, dapo, pcl, knapsack, trace), or all (default: all, side by side)")
     m.add_argument("--difficulty", default="beta:0.5,0.5", help="v0 distribution: beta:A,B, uniform or point:V")
     m.add_argument("--turns", type=int, default=3, help="T: turns of a full trajectory (default 3)")
     m.add_argument("--turn-tokens", default="20-60", help="tokens of one turn: LO-HI or N (default 20-60)")
     m.add_argument("--turn-strength", type=float, default=0.3,
                    help="share of the remaining outcome variance one turn resolves, 0..1 (default 0.3)")
     m.add_argument("--early-stop", type=float, default=0.0, help="chance a trajectory ends after a turn (default 0)")
-    m.add_argument("--group-size", "-G", type=int, default=8, help="G: chains per prompt (default 8)")
-    m.add_argument("--trees", "-M", type=int, default=2, help="M: Tree-GRPO trees per prompt (default 2)")
-    m.add_argument("--expansions", "-N", type=int, default=2,
-                   help="N: continuations per seed chain per round (tree_grpo) or per bare rollout (trace)")
-    m.add_argument("--pool-factor", type=int, default=4, help="PCL and TRACE score pool-factor x B prompts (default 4)")
     m.add_argument("--predictor-noise", type=float, default=0.5, help="sigma on the predicted logit (default 0.5)")
     m.add_argument("--oracle", action="store_true", help="the predictor returns the true success probability")
-    m.add_argument("--budget", type=int, default=0,
-                   help="generated tokens per batch (default: G chains for each of B prompts, in expectation)")
-    m.add_argument("--explore", type=float, default=0.1, help="TRACE exploration share of root rollouts (default 0.1)")
-    m.add_argument("--root-solver", default="dp", choices=("dp", "greedy"), help="TRACE Stage 1 solver")
-    m.add_argument("--rounds", type=int, default=2,
-                   help="TRACE Stage 2 rounds: continuation budget in slices, anchors re-scored after each (default 2)")
-    m.add_argument("--stage2-root", action=argparse.BooleanOptionalAction, default=True,
-                   help="TRACE Stage 2 may restart a prompt from its root (default: on)")
     m.add_argument("--batches", type=int, default=10, help="batches per seed (default 10)")
     m.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     m.add_argument("--seeds", type=int, default=1, help="number of seeds, from --seed on (default 1)")
     m.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    m.add_argument("overrides", nargs="*",
+                   help="the training config's rollout.* / alloc.* keys, as for tracerl train (e.g. alloc.epsilon=0 "
+                        "rollout.token_budget=1200); simulator defaults: rollout.prompts_per_step=64, "
+                        "alloc.pool_factor=4, rollout.token_budget = G chains per prompt in expectation (null: none)")
     m.set_defaults(fn=cmd_sim)
     return p
 

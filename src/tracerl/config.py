@@ -20,9 +20,6 @@ class ConfigError(TracerlError):
     """A configuration problem, reported to the user as one line."""
 
 
-TREE_ESTIMATORS = ("tree_grpo", "treepo")  # advantage estimators that need more than one tree node
-CHAIN_ALLOCATORS = ("uniform", "dapo", "pcl", "knapsack")  # allocators whose trees are chains from the root
-
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -145,10 +142,11 @@ class AlgoConfig(Section):
     clip_high: float = Field(0.2, ge=0, description="PPO clip epsilon above 1 (0.28 = DAPO clip-higher).")
     dual_clip: float | None = Field(3.0, description="Dual-clip constant c for negative advantages (None: off).")
     aggregation: str = Field("token-mean", description="Loss aggregation (token-mean, seq-mean-token-mean, seq-mean-token-sum-norm).")
+    norm_length: int | None = Field(None, ge=1, description="seq-mean-token-sum-norm (Dr.GRPO): the constant L each leaf's token sum is divided by (None: the longest response of the step's batch, observations included).")
     kl_coef: float = Field(0.0, ge=0, description="Weight of the KL penalty to the frozen reference (0: no reference model).")
     kl_estimator: str = Field("k3", description="KL estimator (k1, k2, k3).")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
-    dedup_prefix: bool = Field(False, description="Train each shared tree node once (packed tree, tree attention mask) with the summed advantage of its leaves instead of one row per leaf (token-mean only).")
+    dedup_prefix: bool = Field(False, description="Run each shared tree node once in the update (one packed sequence per tree with a tree attention mask; for chains the prompt once per prompt) instead of one row per leaf; same loss and gradient, fewer tokens.")
     skip_uniform_groups: bool = Field(True, description="Leave groups whose rewards are all equal out of the update (their advantage is 0).")
 
 
@@ -233,22 +231,10 @@ class Config(Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Optimisation, evaluation, checkpoints.")
 
     @model_validator(mode="after")
-    def _tree_estimator_needs_trees(self) -> "Config":
-        if self.algo.dedup_prefix and self.algo.aggregation != "token-mean":
-            raise ValueError(f"algo.dedup_prefix=true supports algo.aggregation=token-mean only "
-                             f"(got {self.algo.aggregation})")
-        if self.distill.mode != "off" and self.algo.dedup_prefix:
-            raise ValueError(f"distill.mode={self.distill.mode} trains trees per leaf: set algo.dedup_prefix=false")
+    def _cross_field(self) -> "Config":
+        """Rules between sections that need no registry (method combinations: tracerl.methods)."""
         if self.distill.annotator == "external" and not self.distill.annotator_model:
             raise ValueError("distill.annotator=external needs distill.annotator_model (a local model directory)")
-        if self.algo.advantage in TREE_ESTIMATORS and self.rollout.allocator in CHAIN_ALLOCATORS:
-            raise ValueError(f"algo.advantage={self.algo.advantage} needs tree rollouts; "
-                             "set rollout.allocator=tree_grpo or trace (or use grpo / dr_grpo)")
-        if self.rollout.allocator == "trace":
-            m, pool = root_rollouts(self.rollout, self.alloc), pool_size(self.rollout, self.alloc)
-            if pool * self.alloc.cap_root < m:
-                raise ValueError(f"trace: {m} bare rollouts cannot be split over a pool of {pool} prompts with "
-                                 f"alloc.cap_root={self.alloc.cap_root}; raise alloc.pool_factor or alloc.cap_root")
         return self
 
     def run_dir(self) -> Path:

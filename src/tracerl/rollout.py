@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from tracerl.allocate.engine import RolloutCost, trees_like  # the cost meter lives with the engine interface
 from tracerl.backends.hf import HFPolicy, SamplingParams
 from tracerl.errors import EnvironmentStepError, TracerlError
 from tracerl.envs.base import Environment, StepResult, Task
@@ -74,32 +75,6 @@ class Trajectory:
 
     def text(self, tokenizer) -> str:
         return tokenizer.decode(self.token_ids[self.prompt_len:], skip_special_tokens=False)
-
-
-@dataclass
-class RolloutCost:
-    """Measured sampling cost of a step (METHODS.md §1); every method is charged the same way."""
-
-    gen_tokens: int = 0  # tokens sampled by the policy, discarded work included
-    prefill_tokens: int = 0  # prompt/prefix tokens actually run through the model
-    prefill_saved: int = 0  # prefix tokens not recomputed thanks to a shared KV cache
-    tool_calls: int = 0  # environment tool executions (continuations do not repeat their prefix's calls)
-    trajectories: int = 0  # leaves generated (chains, seed chains and continuations)
-    continuations: int = 0  # trajectories resumed from a saved prefix (tree expansions)
-    continuation_gen_tokens: int = 0  # the part of gen_tokens sampled by continuations
-
-    def add(self, other: "RolloutCost") -> None:
-        for k, v in vars(other).items():
-            setattr(self, k, getattr(self, k) + v)
-
-    @property
-    def continuation_fraction(self) -> float:
-        """f: mean generated tokens of a continuation / of a chain from the root (0 without continuations)."""
-        chains = self.trajectories - self.continuations
-        chain_tokens = self.gen_tokens - self.continuation_gen_tokens
-        if not self.continuations or not chains or not chain_tokens:
-            return 0.0
-        return (self.continuation_gen_tokens / self.continuations) / (chain_tokens / chains)
 
 
 def _apply_turn(traj: Trajectory, tokenizer, env: Environment, gen_ids, gen_logprobs, turn_text, truncated,
@@ -279,13 +254,7 @@ class RolloutEngine:
     def more_trees(self, like: RolloutTree, n: int, first_index: int) -> list[RolloutTree]:
         """n more empty trees of the same prompt and group (indices first_index, ...), sharing the root's
         hidden state if `like` has one."""
-        out = []
-        for j in range(first_index, first_index + n):
-            t = RolloutTree(like.task, like.group, j, like.root.obs_ids, copy.deepcopy(like.root.state))
-            if 0 in like.hidden:
-                t.hidden[0] = like.hidden[0]
-            out.append(t)
-        return out
+        return trees_like(like, n, first_index)
 
     def root_hidden(self, trees: list[RolloutTree]) -> None:
         """A prefill-only pass over the roots (identical prompts once) that fills `tree.hidden[0]`;

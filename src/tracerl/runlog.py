@@ -1,7 +1,7 @@
 """What a run leaves on disk while it trains, and what it shows on the terminal.
 
 A run directory holds ``metrics.jsonl`` (one row per training step), ``eval.jsonl`` (one row per
-evaluation) and ``tb/`` (TensorBoard events)::
+evaluation) and ``tb/`` (TensorBoard events); the layout is `tracerl.rundir`'s::
 
     with RunLogger(run_dir, resume_step=ckpt_step) as log, Progress(total_steps) as bar:
         for step in range(ckpt_step + 1, total_steps + 1):
@@ -18,18 +18,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
-EVAL_FILE = "eval.jsonl"
-TB_DIR = "tb"
+from tracerl.rundir import EVAL_FILE, METRICS_FILE, TB_DIR, atomic_write_text
 
 
 class CorruptLogError(ValueError):
@@ -108,17 +104,7 @@ def _truncate_after(path: Path, last_step: int) -> None:
     if not path.exists():
         return
     kept = [dump_row(row) for row in read_jsonl(path) if _step_of(row) <= last_step]
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        shutil.copymode(path, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "".join(kept))
 
 
 def _drop_partial_tail(path: Path) -> None:

@@ -6,6 +6,9 @@ A pretrained policy (`smollm2-135m` or a model path) keeps its tokenizer and wei
 on the environment's demonstrations when `sft.pretrained` is on (off by default: pretrained policies
 start RL as shipped). Either way the demonstrations are tokenized by the rollout engine's own path
 (`replay_turns`), so the SFT model sees exactly the token layout it will later sample in.
+
+The recipe gets what it is made from as `SFTInputs` (the environment, the pretrained base, the note
+demos of sft.teacher_share), built only on a cache miss; `tracerl.setup.warm_start` supplies them.
 """
 
 from __future__ import annotations
@@ -15,15 +18,14 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
 
 from tracerl.config import Config, ConfigError
-from tracerl.distill.annotate import ERROR_LABELS, KEY_LABELS
-from tracerl.distill.teacher import NotedEnv, privileged_note
-from tracerl.envs import make_env
-from tracerl.envs.base import Environment
+from tracerl.envs.base import Environment, Task
 from tracerl.errors import DataError
 from tracerl.models.io import atomic_save_pretrained, cache_dir, file_lock, load_policy
 from tracerl.models.tiny import build_tiny_model, train_tokenizer
@@ -32,18 +34,23 @@ from tracerl.rollout import replay_turns
 SFT_VERSION = 1  # bump when the recipe changes so old caches are not reused
 
 
-def uses_sft(cfg: Config) -> bool:
-    """Whether the initial policy is an SFT warm start (tiny: sft.enabled; pretrained: sft.pretrained)."""
-    return cfg.sft.enabled if cfg.model.preset == "tiny" else cfg.sft.pretrained
+class NoteDemos(Protocol):
+    """The private notes of the sft.teacher_share demos (`tracerl.distill.teacher.TeacherNoteDemos`)."""
+
+    def draw(self, env_name: str, task: Task, rng: random.Random) -> str:
+        """A note for one demo of `task`, drawn with the demos' `rng`."""
+
+    def show(self, env: Environment, note: str) -> Environment:
+        """`env` with `note` placed ahead of its user message."""
 
 
-def pretrained_path(cfg: Config) -> Path:
-    """The pretrained policy of a non-tiny preset: the converted SmolLM2, or the user's model path."""
-    if cfg.model.preset == "smollm2-135m":
-        from tracerl.models.smollm2 import smollm2_path
+@dataclass(frozen=True)
+class SFTInputs:
+    """What a warm start is made from; each is built only when the cache misses."""
 
-        return smollm2_path()
-    return Path(cfg.model.path)
+    env: Callable[[], Environment]  # the config's environment
+    base: Callable[[], Path]  # the pretrained policy (non-tiny presets)
+    notes: NoteDemos | None = None  # needed when sft.teacher_share > 0
 
 
 def sft_key(cfg: Config) -> str:
@@ -55,7 +62,7 @@ def sft_key(cfg: Config) -> str:
     if m.preset == "tiny":
         model = {k: getattr(m, k) for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size")}
     else:  # a pretrained base: which one, and how its demos are cut
-        base = pretrained_path(cfg).resolve() if m.preset == "path" else None
+        base = Path(m.path).resolve() if m.preset == "path" else None
         model = {"preset": m.preset, "path": str(base) if base else None, "max_context": m.max_context,
                  "weights_mtime": max((f.stat().st_mtime_ns for f in base.glob("*.safetensors")), default=0) if base else 0}
     payload = {"v": SFT_VERSION, "env": cfg.env.model_dump(mode="json"), "sft": sft, "model": model,
@@ -66,10 +73,6 @@ def sft_key(cfg: Config) -> str:
 def sft_dir(cfg: Config) -> Path:
     prefix = "tiny" if cfg.model.preset == "tiny" else cfg.model.preset
     return cache_dir() / "sft" / f"{prefix}-{sft_key(cfg)}"
-
-
-def build_env(cfg: Config) -> Environment:
-    return make_env(cfg.env.name, seed=cfg.env.seed, max_turns=cfg.env.max_turns, **cfg.env.options)
 
 
 def split_train(tasks: list, rl_share: float, seed: int) -> tuple[list, list]:
@@ -88,10 +91,12 @@ def split_train(tasks: list, rl_share: float, seed: int) -> tuple[list, list]:
     return sft, rl
 
 
-def _demos(env: Environment, cfg: Config) -> list[tuple]:
+def _demos(env: Environment, cfg: Config, notes: NoteDemos | None = None) -> list[tuple]:
     """(task, turns, note) demonstrations: note None for plain ones; with sft.teacher_share, that share
-    carries the distillation teacher's private note (a reference at either level, an assessment label or
+    carries a private note from `notes` (the distillation teacher's: a reference, an assessment label or
     none) and is always answered correctly, so the model learns to use the note."""
+    if cfg.sft.teacher_share and notes is None:
+        raise ValueError("sft.teacher_share > 0 needs note demos (tracerl.setup.warm_start passes the teacher's)")
     tasks = env.tasks("train")
     if not tasks:
         raise DataError(f"train split of environment {env.name!r} is empty")
@@ -102,8 +107,7 @@ def _demos(env: Environment, cfg: Config) -> list[tuple]:
     for _ in range(cfg.sft.demos):
         task = rng.choice(tasks)
         if cfg.sft.teacher_share and rng.random() < cfg.sft.teacher_share:
-            label = rng.choice([None, "success", "failure", *KEY_LABELS, *ERROR_LABELS])
-            note = privileged_note(env.name, task, rng.choice(["solution", "answer"]), label)
+            note = notes.draw(env.name, task, rng)
             out.append((task, env.oracle_turns(task, rng, {**noise, "wrong_answer": 0.0}), note))
         else:
             out.append((task, env.oracle_turns(task, rng, noise), None))
@@ -140,7 +144,7 @@ def _collate(rows, pad_id: int):
     return ids, loss_mask
 
 
-def run_sft(cfg: Config, force: bool = False, log=print) -> Path:
+def run_sft(cfg: Config, inputs: SFTInputs, force: bool = False, log=print) -> Path:
     """Train (or reuse) the warm-start model of cfg's preset; returns the cached model directory."""
     if cfg.model.preset != "tiny" and not cfg.sft.pretrained:
         raise ConfigError(f"model.preset={cfg.model.preset} is pretrained: set sft.pretrained=true to fine-tune it "
@@ -149,13 +153,13 @@ def run_sft(cfg: Config, force: bool = False, log=print) -> Path:
     with file_lock(out.parent / f".{out.name}.lock"):  # one trainer per key; the others wait and reuse
         if (out / "sft_meta.json").is_file() and not force:
             return out
-        return _train_sft(cfg, out, log)
+        return _train_sft(cfg, inputs, out, log)
 
 
-def _train_sft(cfg: Config, out: Path, log) -> Path:
+def _train_sft(cfg: Config, inputs: SFTInputs, out: Path, log) -> Path:
     t0 = time.time()
-    env = build_env(cfg)
-    demos = _demos(env, cfg)
+    env = inputs.env()
+    demos = _demos(env, cfg, inputs.notes)
     m = cfg.model
     torch.manual_seed(cfg.sft.seed)
     if m.preset == "tiny":
@@ -164,7 +168,7 @@ def _train_sft(cfg: Config, out: Path, log) -> Path:
                                  num_kv_heads=m.num_kv_heads, max_position_embeddings=max(m.max_context, 1024),
                                  seed=cfg.sft.seed)
     else:
-        base = pretrained_path(cfg)
+        base = inputs.base()
         log(f"SFT of the pretrained policy at {base} (lr {cfg.sft.lr:g}"
             + ("; that is high for a pretrained model, 1e-5 is typical)" if cfg.sft.lr > 1e-4 else ")"))
         model, tokenizer = load_policy(base)
@@ -172,7 +176,8 @@ def _train_sft(cfg: Config, out: Path, log) -> Path:
             tokenizer.pad_token = tokenizer.eos_token
     rows = []
     for task, turns, note in demos:
-        traj = replay_turns(tokenizer, env if note is None else NotedEnv(env, note), task, turns, m.chat_template)
+        traj = replay_turns(tokenizer, env if note is None else inputs.notes.show(env, note), task, turns,
+                            m.chat_template)
         rows.append((traj.token_ids[: m.max_context], traj.loss_mask[: m.max_context]))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"SFT: {len(rows)} demos, mean {sum(len(r[0]) for r in rows) / len(rows):.0f} tokens, "

@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from tracerl.envs.base import Task
+from tracerl.rundir import atomic_write_text
+from tracerl.task import Task
 
 
 @dataclass
@@ -210,14 +211,8 @@ class RolloutTree:
 
 
 def write_jsonl(trees: Iterable[RolloutTree], path: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """One tree per line; `extra` fields (e.g. the step) are added to every line."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for t in trees:
-            f.write(json.dumps({**(extra or {}), **t.to_dict()}) + "\n")
-    tmp.replace(path)
+    """One tree per line; `extra` fields (e.g. the step) are added to every line. Written atomically."""
+    atomic_write_text(path, "".join(json.dumps({**(extra or {}), **t.to_dict()}) + "\n" for t in trees))
 
 
 def read_jsonl(path: str | Path) -> list[RolloutTree]:
@@ -232,3 +227,71 @@ def read_jsonl(path: str | Path) -> list[RolloutTree]:
 def mixed_anchors(trees: Iterable[RolloutTree]) -> int:
     """Anchors (root or non-leaf node) with at least two leaves below, both outcomes among them."""
     return sum(1 for t in trees for n in t.nodes.values() if not n.done and n.leaves >= 2 and n.mixed)
+
+
+class Leaf:
+    """A finished leaf of a tree as the trainer sees it: the exact token ids of its path (prompt, sampled
+    turns, observations), their loss mask and sampling log-probs, its reward and turns. A view: nothing
+    is copied out of the tree until a field is read."""
+
+    __slots__ = ("tree", "node", "_prefix")
+
+    def __init__(self, tree: RolloutTree, node: int):
+        if not tree.nodes[node].done:
+            raise TreeError(f"node {node} is not a leaf")
+        self.tree, self.node = tree, node
+        self._prefix: tuple[list[int], list[int], list[float]] | None = None
+
+    def _path_tokens(self) -> tuple[list[int], list[int], list[float]]:
+        if self._prefix is None:
+            self._prefix = self.tree.prefix(self.node)
+        return self._prefix
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._path_tokens()[0]
+
+    @property
+    def loss_mask(self) -> list[int]:
+        return self._path_tokens()[1]
+
+    @property
+    def logprobs(self) -> list[float]:
+        return self._path_tokens()[2]
+
+    @property
+    def prompt_len(self) -> int:
+        return self.tree.prompt_len
+
+    @property
+    def task(self):
+        return self.tree.task
+
+    @property
+    def reward(self) -> float:
+        return float(self.tree.nodes[self.node].reward or 0.0)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.tree.nodes[self.node].info
+
+    @property
+    def turns(self) -> list[dict[str, Any]]:
+        return self.tree.turns(self.node)
+
+    @property
+    def num_turns(self) -> int:
+        return self.tree.nodes[self.node].depth
+
+    @property
+    def format_errors(self) -> int:
+        return sum(1 for n in self.tree.path(self.node) if n.turn.get("format_error"))
+
+    @property
+    def tool_calls(self) -> int:
+        return sum(1 for n in self.tree.path(self.node) if n.turn.get("tool_call"))
+
+
+def tree_leaves(trees: Iterable[RolloutTree]) -> list[Leaf]:
+    """Every leaf of every tree, trees in order, leaves by node id."""
+    return [Leaf(t, i) for t in trees for i in t.leaf_ids()]

@@ -14,7 +14,7 @@ do not use.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -22,7 +22,8 @@ from torch import Tensor
 from tracerl.registry import Registry
 
 AdvantageFn = Callable[..., Tensor]
-ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")
+# needs_trees: the estimator reads tree structure (tree_ids / ancestors), so chains give it nothing to use
+ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator", traits={"needs_trees": False})
 
 SINGLETON_MODES = ("zero", "raw")
 
@@ -84,7 +85,7 @@ def dr_grpo(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6, singleton:
     return _finish(adv, rewards, size, all_equal, singleton)
 
 
-@ADVANTAGES.register("tree_grpo")
+@ADVANTAGES.register("tree_grpo", needs_trees=True)
 def tree_grpo(rewards: Tensor, group_ids: Tensor, *, tree_ids: Tensor | None = None, eps: float = 1e-6,
               singleton: str = "zero", w_intra: float = 1.0, w_inter: float = 1.0, **_: object) -> Tensor:
     """Tree-GRPO (arXiv 2509.21240): `w_intra·z(r | tree) + w_inter·z(r | prompt)`.
@@ -100,7 +101,7 @@ def tree_grpo(rewards: Tensor, group_ids: Tensor, *, tree_ids: Tensor | None = N
     return (w_intra * intra.double() + w_inter * inter.double()).to(intra.dtype)
 
 
-@ADVANTAGES.register("treepo")
+@ADVANTAGES.register("treepo", needs_trees=True)
 def treepo(rewards: Tensor, group_ids: Tensor, *, ancestors: list[list[int]] | None = None, eps: float = 1e-6,
            **_: object) -> Tensor:
     """TreePO-style (arXiv 2508.17445): the mean over a leaf's ancestor sub-groups of its GRPO z-score
@@ -124,6 +125,27 @@ def treepo(rewards: Tensor, group_ids: Tensor, *, ancestors: list[list[int]] | N
     n = torch.zeros(rewards.numel(), dtype=torch.float64).index_add_(0, leaf, counted)
     out = torch.where(n > 0, total / n.clamp(min=1), torch.zeros_like(total))
     return out.to(rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype())
+
+
+def tree_advantages(trees: Sequence[Any], name: str, **options: Any) -> list[dict[int, float]]:
+    """One advantage per leaf of each rollout tree ({leaf node id: A} per tree) from the registered
+    estimator `name`. Trees are plain data (tree.py): `group` is the tree's prompt, its leaves and
+    paths give the leaf's tree and ancestor sub-groups (the prompt, then each node above the leaf)."""
+    leaves = [(k, leaf) for k, t in enumerate(trees) for leaf in t.leaf_ids()]
+    if not leaves:
+        return [{} for _ in trees]
+    rewards = torch.tensor([float(trees[k].nodes[leaf].reward or 0.0) for k, leaf in leaves], dtype=torch.float32)
+    groups = torch.tensor([trees[k].group for k, _ in leaves], dtype=torch.long)
+    tree_ids = torch.tensor([k for k, _ in leaves], dtype=torch.long)
+    base = int(groups.max()) + 1  # node sub-groups are numbered after the prompt groups
+    node_group: dict[tuple[int, int], int] = {}
+    ancestors = [[trees[k].group] + [node_group.setdefault((k, n.id), base + len(node_group))
+                                     for n in trees[k].path(leaf)[:-1]] for k, leaf in leaves]
+    adv = ADVANTAGES.get(name)(rewards, groups, tree_ids=tree_ids, ancestors=ancestors, **options)
+    out: list[dict[int, float]] = [{} for _ in trees]
+    for (k, leaf), a in zip(leaves, adv.tolist()):
+        out[k][leaf] = a
+    return out
 
 
 def broadcast_to_tokens(advantages: Tensor, loss_mask: Tensor) -> Tensor:

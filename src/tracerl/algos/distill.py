@@ -1,5 +1,5 @@
 """Token-routed self-distillation: per-token KL to a privileged teacher, routing masks, the λ schedule
-and the routed loss (METHODS.md §6.2; TRACE-OPD, arXiv 2605.10194, as reconstructed there).
+and the routed loss (docs/distillation.md §5–§7; TRACE-OPD, arXiv 2605.10194, as reconstructed there).
 
 Student `p_t = softmax(student logits)`, teacher `q_t = softmax(teacher logits)`, both at the same
 temperature as the policy loss. Routing splits the trainable tokens of a batch into three channels:
@@ -83,14 +83,14 @@ def token_kl(student_logits: Tensor, teacher_logp: Tensor, direction: str = "for
 
 # ------------------------------------------------------------------------------------------ schedule
 def kl_weight_at(step: int, max_weight: float, warmup: int, hold: int, anneal: int) -> float:
-    """λ(s) at 0-based optimizer step `s` (METHODS.md §6.2, with a hold phase between warm-up and decay):
+    """λ(s) at 0-based optimizer step `s` (docs/distillation.md §7: warm-up, hold, decay):
 
         λ = λ_max · s / w                              0 ≤ s < w               (linear warm-up)
         λ = λ_max                                      w ≤ s < w + h           (hold)
         λ = λ_max · ½ (1 + cos(π (s − w − h) / a))     w + h ≤ s < w + h + a   (cosine anneal)
         λ = 0                                          s ≥ w + h + a
 
-    with w = warmup, h = hold, a = anneal. The spec's default is w = 0.1·S, h = 0, a = 0.4·S for S steps.
+    with w = warmup, h = hold, a = anneal. Default: w = 0.1·S, h = 0, a = 0.4·S for S steps.
     """
     if min(warmup, hold, anneal) < 0:
         raise ValueError(f"schedule lengths must be >= 0, got warmup={warmup}, hold={hold}, anneal={anneal}")
@@ -149,6 +149,41 @@ def off(mask: Tensor, key: Tensor, error: Tensor, *, reverse_on_errors: bool = F
 
 
 # ------------------------------------------------------------------------------------------ loss
+def routed_kl(
+    fkl_mask: Tensor,
+    rkl_mask: Tensor,
+    student_logits: Tensor | None,
+    teacher_logp: Tensor | None,
+    *,
+    weight: float,
+    topk: int | None = None,
+    fkl_denominator: float | Tensor | None = None,
+    rkl_denominator: float | Tensor | None = None,
+) -> tuple[Tensor | float, dict[str, float]]:
+    """`λ · (Σ_K FKL / n_K + Σ_E RKL / n_E)` -> (scalar, stats): the teacher channels of the routed loss.
+
+    masks (B, T) from `route_masks`; student_logits (B, T, V) at the policy temperature; teacher_logp
+    (B, T, V) aligned to the same positions (both may be None when nothing is distilled). The
+    denominators default to this batch's own routed-token counts; the trainer passes mini-batch-wide
+    ones so micro-batches add up. KL is evaluated at the routed positions only. Stats: kl_key /
+    kl_error (mean over routed tokens) and their token counts."""
+    loss: Tensor | float = 0.0
+    stats: dict[str, float] = {}
+    for name, mask, direction, denom in (("kl_key", fkl_mask, "forward", fkl_denominator),
+                                         ("kl_error", rkl_mask, "reverse", rkl_denominator)):
+        sel = mask.bool()
+        n = int(sel.sum())
+        if weight == 0 or n == 0:
+            continue
+        if student_logits is None or teacher_logp is None:
+            raise ValueError(f"{n} tokens are routed to {direction} KL but no student logits / teacher log-probs were given")
+        kl = token_kl(student_logits[sel], teacher_logp[sel], direction, topk)
+        loss = loss + weight * kl.sum() / (n if denom is None else denom)
+        stats[name] = kl.detach().mean().item()
+        stats[name + "_tokens"] = float(n)
+    return loss, stats
+
+
 def routed_loss(
     pg: Tensor,
     pg_mask: Tensor,
@@ -165,26 +200,8 @@ def routed_loss(
     rkl_denominator: float | Tensor | None = None,
     max_len: int | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """`agg(pg, pg_mask) + λ · (Σ_K FKL / n_K + Σ_E RKL / n_E)` -> (scalar, stats).
-
-    pg: unreduced per-token PG loss (B, T) from a registered policy loss; masks (B, T) from
-    `route_masks`; student_logits (B, T, V) at the policy temperature; teacher_logp (B, T, V) aligned
-    to the same positions (both may be None when nothing is distilled). The denominators default to
-    this batch's own counts; the trainer passes mini-batch-wide ones so micro-batches add up. KL is
-    evaluated at the routed positions only. Stats: kl_key / kl_error (mean over routed tokens) and
-    their token counts."""
-    loss = agg_fn(pg, pg_mask, denominator=pg_denominator, max_len=max_len)
-    stats: dict[str, float] = {}
-    for name, mask, direction, denom in (("kl_key", fkl_mask, "forward", fkl_denominator),
-                                         ("kl_error", rkl_mask, "reverse", rkl_denominator)):
-        sel = mask.bool()
-        n = int(sel.sum())
-        if weight == 0 or n == 0:
-            continue
-        if student_logits is None or teacher_logp is None:
-            raise ValueError(f"{n} tokens are routed to {direction} KL but no student logits / teacher log-probs were given")
-        kl = token_kl(student_logits[sel], teacher_logp[sel], direction, topk)
-        loss = loss + weight * kl.sum() / (n if denom is None else denom)
-        stats[name] = kl.detach().mean().item()
-        stats[name + "_tokens"] = float(n)
-    return loss, stats
+    """`agg(pg, pg_mask) + routed_kl(...)` -> (scalar, stats): pg is the unreduced per-token PG loss
+    (B, T) of a registered policy loss, aggregated over the PG channel; see `routed_kl`."""
+    kl, stats = routed_kl(fkl_mask, rkl_mask, student_logits, teacher_logp, weight=weight, topk=topk,
+                          fkl_denominator=fkl_denominator, rkl_denominator=rkl_denominator)
+    return agg_fn(pg, pg_mask, denominator=pg_denominator, max_len=max_len) + kl, stats

@@ -1,4 +1,4 @@
-"""Per-token KL estimators between the trained policy and the frozen reference (METHODS.md §2).
+"""Per-token KL estimators between the trained policy and the frozen reference (docs/estimators.md §9).
 
 All take log-probs of the sampled tokens, logp and ref_logp (B, T), and return (B, T); the caller
 masks and aggregates. Estimators from J. Schulman, "Approximating KL Divergence" (2020), as used

@@ -17,7 +17,17 @@ from tracerl.registry import Registry
 PolicyLossFn = Callable[..., tuple[Tensor, dict[str, Tensor]]]
 AggregationFn = Callable[..., Tensor]
 POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss")
-AGGREGATIONS: Registry[AggregationFn] = Registry("loss aggregation")
+# `denominator`: the aggregation's normaliser over a whole mini-batch mask (N, T) -> scalar; the trainer
+# passes it as `denominator` to every micro-batch, so gradient accumulation (and ranks) add up to one batch.
+AGGREGATIONS: Registry[AggregationFn] = Registry("loss aggregation", traits={"denominator": None})
+
+
+def _token_count(mask: Tensor) -> Tensor:
+    return mask.sum().clamp(min=1)
+
+
+def _row_count(mask: Tensor) -> Tensor:
+    return (mask.sum(-1) > 0).sum().clamp(min=1)
 
 LOG_RATIO_CLAMP = 20.0
 
@@ -80,7 +90,7 @@ def ppo_clip(
     return loss, stats
 
 
-@AGGREGATIONS.register("token-mean")
+@AGGREGATIONS.register("token-mean", denominator=_token_count)
 def token_mean(
     loss: Tensor, mask: Tensor, *, denominator: float | Tensor | None = None, max_len: int | None = None
 ) -> Tensor:
@@ -100,7 +110,7 @@ def _seq_mean(per_seq: Tensor, mask: Tensor, denominator: float | Tensor | None)
     return per_seq.sum() / denom
 
 
-@AGGREGATIONS.register("seq-mean-token-mean")
+@AGGREGATIONS.register("seq-mean-token-mean", denominator=_row_count)
 def seq_mean_token_mean(
     loss: Tensor, mask: Tensor, *, denominator: float | Tensor | None = None, max_len: int | None = None
 ) -> Tensor:
@@ -113,13 +123,15 @@ def seq_mean_token_mean(
     return _seq_mean(per_seq, mask, denominator)
 
 
-@AGGREGATIONS.register("seq-mean-token-sum-norm")
+@AGGREGATIONS.register("seq-mean-token-sum-norm", denominator=_row_count)
 def seq_mean_token_sum_norm(
     loss: Tensor, mask: Tensor, *, denominator: float | Tensor | None = None, max_len: int | None = None
 ) -> Tensor:
     """`(1/B') Σ_i Σ_t m·l / L_max`, Dr.GRPO's length-unbiased form (arXiv 2503.20783).
 
-    loss, mask (B, T) -> scalar. `max_len` is L_max (default T); `denominator` replaces B'.
+    loss, mask (B, T) -> scalar. `max_len` is L_max, a constant of the run or the longest *response*
+    of the batch (tokens after the prompt) — never the padded sequence length, which counts the prompt
+    and changes every step (default T: the loss matrix holds responses only); `denominator` replaces B'.
     """
     m = mask.to(loss.dtype)
     L = loss.shape[-1] if max_len is None else max_len
@@ -159,18 +171,3 @@ def entropy_from_logits(logits: Tensor, chunk_tokens: int = 1 << 16) -> Tensor:
         p = torch.softmax(lf, dim=-1)
         out.append(torch.logsumexp(lf, dim=-1) - (p * lf).sum(-1))
     return torch.cat(out)
-
-
-# The global normaliser of each aggregation over a whole mini-batch mask (B, T) -> scalar; the trainer
-# passes it as `denominator` to every micro-batch so gradient accumulation equals one big batch.
-def _token_count(mask: Tensor) -> Tensor:
-    return mask.sum().clamp(min=1)
-
-
-def _row_count(mask: Tensor) -> Tensor:
-    return (mask.sum(-1) > 0).sum().clamp(min=1)
-
-
-token_mean.denominator = _token_count
-seq_mean_token_mean.denominator = _row_count
-seq_mean_token_sum_norm.denominator = _row_count

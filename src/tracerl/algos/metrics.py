@@ -1,4 +1,4 @@
-"""Contrast metrics of a batch (METHODS.md §1): how much of it carries a learning signal."""
+"""Contrast metrics of a batch (docs/cost.md §8): how much of it carries a learning signal."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import Tensor
 def effective_ratio(rewards: Tensor, group_ids: Tensor) -> float:
     """Fraction of groups with ≥1 success (r > 0) and ≥1 failure (r ≤ 0); rewards, group_ids (N,).
 
-    Rewards are expected binary (METHODS.md §0); an empty batch gives 0.0.
+    Rewards are expected binary (docs/README.md §2); an empty batch gives 0.0.
     """
     if rewards.shape != group_ids.shape or rewards.dim() != 1:
         raise ValueError(

@@ -4,8 +4,8 @@ Every allocator has the same signature and returns the step's trees; the engine 
 
     fn(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]
 
-`ctx` carries the engine, the rollout / alloc sections, the step's RNG and, for allocators marked
-`uses_predictor`, the success predictor and per-prompt statistics (see `AllocationContext`).
+`ctx` carries the engine, the rollout / alloc sections, the step's RNG and, for allocators with
+the `uses_predictor` trait, the success predictor and per-prompt statistics (see `AllocationContext`).
 The rollout engine executes what the allocator asks for (`engine.grow([(tree, node), ...])`), so
 an allocator never touches models or token ids.
 """

@@ -17,8 +17,7 @@ from tracerl.registry import Registry
 from tracerl.tree import RolloutTree
 
 if TYPE_CHECKING:
-    from tracerl.allocate.predictor import SuccessPredictor
-    from tracerl.rollout import RolloutEngine
+    from tracerl.allocate.engine import TreeEngine, ValuePredictor
 
 
 @dataclass
@@ -28,11 +27,11 @@ class AllocationContext:
     allocators registered with `uses_predictor`), each prompt's latest empirical success rate, and a
     source of further prompts (pools, DAPO's refills). Allocators add their own metrics to `metrics`."""
 
-    engine: "RolloutEngine"
+    engine: "TreeEngine"  # tracerl.rollout.RolloutEngine, or the simulator's SimEngine
     rollout: RolloutConfig
     rng: random.Random
     alloc: AllocConfig = field(default_factory=AllocConfig)
-    predictor: "SuccessPredictor | None" = None
+    predictor: "ValuePredictor | None" = None  # a SuccessPredictor, or the simulator's SimPredictor
     prompt_stats: Mapping[str, float] = field(default_factory=dict)  # task id -> latest success rate
     draw: Callable[[int], list[Task]] | None = None  # n more prompts, none of them drawn before this step
     metrics: dict[str, float] = field(default_factory=dict)
@@ -54,13 +53,11 @@ class AllocationContext:
 
 
 Allocator = Callable[[AllocationContext, list[Task]], list[RolloutTree]]
-ALLOCATORS: Registry[Allocator] = Registry("allocator")
-
-
-def uses_predictor(fn: Any) -> Any:
-    """Mark an allocator that reads `ctx.predictor`: the trainer then builds and trains one."""
-    fn.uses_predictor = True
-    return fn
+# Traits: uses_predictor — it reads `ctx.predictor` (the trainer then builds and trains one);
+# makes_trees — its trees branch below the root (tree estimators need that); check — a function
+# (RolloutConfig, AllocConfig) -> a one-line problem or None, run before training starts.
+ALLOCATORS: Registry[Allocator] = Registry("allocator", traits={"uses_predictor": False, "makes_trees": False,
+                                                                  "check": None})
 
 
 def check_tree_shape(m: int, n: int, l: int, k: int | None) -> None:
@@ -106,7 +103,7 @@ def uniform(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
     return trees
 
 
-@ALLOCATORS.register("tree_grpo")
+@ALLOCATORS.register("tree_grpo", makes_trees=True)
 def tree_grpo(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
     """Tree-GRPO (arXiv 2509.21240): M trees per prompt, each seeded by one chain; L rounds in which
     N nodes per tree are drawn uniformly with replacement from the root and its non-leaf nodes and

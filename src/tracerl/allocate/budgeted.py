@@ -14,10 +14,10 @@ from __future__ import annotations
 import heapq
 import math
 
-from tracerl.allocate.basic import ALLOCATORS, AllocationContext, uses_predictor
-from tracerl.allocate.predictor import NodeRef
+from tracerl.allocate.basic import ALLOCATORS, AllocationContext
+from tracerl.allocate.engine import NodeRef
 from tracerl.allocate.solvers import ROOT_SOLVERS, contrast, knapsack_counts, pcl_select, prefix_allocate_greedy
-from tracerl.config import pool_size, root_rollouts
+from tracerl.config import AllocConfig, RolloutConfig, pool_size, root_rollouts
 from tracerl.envs.base import Task
 from tracerl.tree import RolloutTree
 
@@ -123,8 +123,7 @@ def dapo(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
 # ---------------------------------------------------------------------------------- PCL
 
 
-@ALLOCATORS.register("pcl")
-@uses_predictor
+@ALLOCATORS.register("pcl", uses_predictor=True)
 def pcl(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
     """PCL-style filtering (§2): a pool of ceil(pool_factor·B) prompts (the batch first) is scored by the
     predictor; the B with predicted v nearest 0.5 get G chains each. Before the predictor is warm, every
@@ -253,8 +252,15 @@ def _stage2(ctx: AllocationContext, by_prompt: list[list[RolloutTree]], totals: 
     return carry, restarted
 
 
-@ALLOCATORS.register("trace")
-@uses_predictor
+def _check_trace(r: RolloutConfig, a: AllocConfig) -> str | None:
+    m, pool = root_rollouts(r, a), pool_size(r, a)
+    if pool * a.cap_root < m:
+        return (f"trace: {m} bare rollouts cannot be split over a pool of {pool} prompts with "
+                f"alloc.cap_root={a.cap_root}; raise alloc.pool_factor or alloc.cap_root")
+    return None
+
+
+@ALLOCATORS.register("trace", uses_predictor=True, makes_trees=True, check=_check_trace)
 def trace(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
     """TRACE (§4.1–4.3). Stage 1: M bare rollouts over a pool of ceil(pool_factor·B) prompts (the batch
     first) by the exact DP on predicted root values (ε share to random pool prompts); each bare rollout

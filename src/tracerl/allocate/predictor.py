@@ -15,12 +15,13 @@ resumed run predicts exactly what the uninterrupted one did.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from tracerl import seeding
+from tracerl.allocate.engine import NodeRef
 from tracerl.checkpoint import load_optimizer_tensors, optimizer_tensors
 from tracerl.errors import TracerlError
 from tracerl.tree import RolloutTree
@@ -84,16 +85,6 @@ def auroc(p: Sequence[float], successes: Sequence[float], failures: Sequence[flo
 
 
 # ---------------------------------------------------------------------------------- samples
-
-
-@dataclass
-class NodeRef:
-    """A node to score: its tree and id; `successes` / `leaves` are set for training samples."""
-
-    tree: RolloutTree
-    node: int
-    successes: int = 0
-    leaves: int = 0
 
 
 def training_nodes(trees: Sequence[RolloutTree]) -> list[NodeRef]:
@@ -212,7 +203,7 @@ class SuccessPredictor:
         self.text_encoder = text_encoder
         self.dim = hidden_size + N_SCALARS + (TEXT_DIM if text_encoder is not None else 0)
         with torch.random.fork_rng(devices=[]):  # the policy's global RNG stream is left untouched
-            torch.manual_seed(seed * 7_368_787 + 11)
+            torch.manual_seed(seeding.seed_of(seed, 0, "predictor_init"))
             self.head = _Head(self.dim, cfg.head, cfg.hidden, cfg.dropout)
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.moments = RunningMoments(self.dim)
@@ -286,7 +277,7 @@ class SuccessPredictor:
         x = self.moments.normalize(torch.cat([b[1] for b in self.buffer]))
         y = torch.cat([b[2] for b in self.buffer])
         w = torch.cat([b[3] for b in self.buffer])
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + step * 7919 + 5) % (2**63))
+        g = seeding.generator(self.seed, step, "predictor")
         self.head.train()
         total, weight = 0.0, 0.0
         for _ in range(self.cfg.passes):

@@ -1,4 +1,4 @@
-"""Token-level credit: per-token weights on the advantage (METHODS.md §5, FlowTracer).
+"""Token-level credit: per-token weights on the advantage (FlowTracer, docs/flowtracer.md).
 
     attention.py  head-averaged attention maps of a few layers (hooks, no eager switch, no grad)
     flow.py       question-to-answer flow on the attention DAG: reachability, reach, throughput
@@ -8,7 +8,7 @@
 """
 
 from tracerl.credit.flow import Flow, throughput
-from tracerl.credit.tracer import CreditResult, CreditStep, TokenCredit, read_samples, reweight_packed, write_samples
+from tracerl.credit.tracer import CreditHook, CreditResult, CreditStep, TokenCredit, read_samples, write_samples
 from tracerl.credit.weights import CREDIT
 
-__all__ = ["CREDIT", "CreditResult", "CreditStep", "Flow", "TokenCredit", "read_samples", "reweight_packed", "throughput", "write_samples"]
+__all__ = ["CREDIT", "CreditHook", "CreditResult", "CreditStep", "Flow", "TokenCredit", "read_samples", "throughput", "write_samples"]

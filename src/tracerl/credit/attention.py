@@ -2,7 +2,7 @@
 
 Fused kernels (SDPA, flash) never materialise attention probabilities, and in transformers 5
 `output_attentions=True` under SDPA returns an empty tuple. Eager attention on every layer would store
-B·H·N² floats per layer. Instead (METHODS.md §5.3) hooks on the chosen layers capture their
+B·H·N² floats per layer. Instead (docs/flowtracer.md §6) hooks on the chosen layers capture their
 post-norm queries and keys and the rotary (cos, sin) the layer receives, and recompute
 `softmax(q kᵀ · scaling + causal mask)` in fp32, `chunk_rows` query rows at a time, adding the
 head sum into one (B, N, N) buffer. No gradient flows through any of it.
@@ -43,7 +43,7 @@ def num_layers(model) -> int:
 
 
 def default_layers(total: int, count: int = 5) -> list[int]:
-    """`count` evenly spaced layer indices in [⌊L/3⌋, ⌊2L/3⌋] (METHODS.md §5.1), deduplicated."""
+    """`count` evenly spaced layer indices in [⌊L/3⌋, ⌊2L/3⌋] (docs/flowtracer.md §3), deduplicated."""
     lo, hi = total // 3, (2 * total) // 3
     if count <= 1 or hi <= lo:
         return [lo] if count >= 1 else []

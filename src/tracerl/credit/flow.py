@@ -1,4 +1,4 @@
-"""Attention-induced information flow from the question to the answer (METHODS.md §5.1).
+"""Attention-induced information flow from the question to the answer (docs/flowtracer.md §3–§4).
 
 One sequence of N tokens is a DAG: an edge s -> t (s < t) carries the attention that t pays to s.
 Conditioning a walk from the question on reaching the answer (a Doob h-transform) gives a flow

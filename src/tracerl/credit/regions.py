@@ -1,7 +1,7 @@
 """Where the flow starts and ends in one trajectory: question tokens (source) and answer tokens (sink).
 
 A trajectory is the prompt (tokens 0..p−1), then turns of sampled tokens, each followed by its
-observation tokens. METHODS.md §5.1 regions:
+observation tokens. Regions (docs/flowtracer.md §2):
 
 * source Q: the tokens of the task's question inside the user prompt (`source = question`), found
   by locating the question text in the decoded prompt; if the template changed the text beyond

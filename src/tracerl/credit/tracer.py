@@ -1,24 +1,23 @@
 """Per-token advantage weights for a step's trajectories: regions -> attention -> flow -> weights.
 
     credit = TokenCredit(cfg.credit, model, tokenizer, seed)
-    cs = credit.start(trajs, adv, step)          # None when the rule is `none`
-    with cs.tap(model, rows):                    # around the update's first forward of these rows
-        logits = model(ids[rows])
-    token_adv = adv[rows, None] * mask[rows] * cs.row_weights(rows, n)
+    cs = credit.start(leaves, adv, step)         # None when the rule is `none`
+    hook = cs.hook(batch, model)                 # around / after the update's first forward of each
+    ...                                          # micro-batch: weights -> batch.coef = A · w
     result = cs.result()                         # weights, metrics, samples for the report
 
 The attention maps come from the forward the update runs anyway (`tap`), taken before any optimizer
 step of the batch, so they are π_old's; the only extra work is recomputing the chosen layers'
-attention probabilities and solving the flow. `cs.compute()` instead runs a separate no-grad
-forward (stopped after the last chosen layer), `batch_size` rows at a time: the packed-tree update
-uses it, since it needs the weights before its forward.
+attention probabilities and solving the flow. Each leaf's map is read over its own tokens
+(`tap_packed`), so rows and packed trees give the same weights. `cs.compute()` instead runs a separate
+no-grad forward (stopped after the last chosen layer), `batch_size` rows at a time.
 
 Rows with A = 0 (and, with `nonneg_only`, A < 0), rows longer than `max_len` and rows whose flow is
 0 (no path from the question to the answer) keep weight 1.
 
-Tree rollouts: every leaf is scored as its own row (its full path), so a token shared by several
-leaves may get a different weight in each; `reweight_packed` turns per-leaf weights into the packed
-coefficients Σ_ℓ A_ℓ·w_ℓ(t), which gives the per-leaf gradient exactly (ratio 1).
+Tree rollouts: every leaf is weighted over its own path, so a token shared by several leaves may get a
+different weight in each; the loss reads leaves one by one (packing.py's leaf-major matrix), so each
+leaf's copy of the token carries its own A_ℓ·w_ℓ(t).
 """
 
 from __future__ import annotations
@@ -52,8 +51,8 @@ class TokenCredit:
     def __init__(self, cfg, model, tokenizer, seed: int = 0):
         self.cfg, self.model, self.tokenizer, self.seed = cfg, model, tokenizer, seed
         self.fn = CREDIT.get(cfg.name)
-        self.active = not getattr(self.fn, "identity", False)
-        self.needs_flow = bool(getattr(self.fn, "needs_flow", False))
+        self.active = not CREDIT.trait(cfg.name, "identity")
+        self.needs_flow = CREDIT.trait(cfg.name, "needs_flow")
         self.layers: list[int] = []
         if self.needs_flow:
             self.layers = list(cfg.layers) if cfg.layers else default_layers(num_layers(model), cfg.num_layers)
@@ -116,28 +115,10 @@ class CreditStep:
 
     # ------------------------------------------------------------------ attention from a forward
     @contextlib.contextmanager
-    def tap(self, model, rows: list[int]):
-        """Around a forward over `rows` (indices into the step's trajectories, right-padded in this
-        order, no attention mask): weigh those of them still pending from its attention."""
-        todo = [(j, i) for j, i in enumerate(rows) if i in self.pending]
-        if not todo:
-            yield
-            return
-        with AttentionTap(model, self.credit.layers, self.cfg.chunk_rows) as tap:
-            yield
-        t0 = time.perf_counter()
-        maps = tap.mean()
-        tap.maps = None
-        for j, i in todo:
-            n = len(self.trajs[i].token_ids)
-            self._use_flow(i, maps[j, :n, :n].cpu())
-        self.seconds += tap.seconds + time.perf_counter() - t0
-
-    @contextlib.contextmanager
-    def tap_packed(self, model, leaves: list[tuple[int, int, Tensor]]):
-        """Around a forward over packed trees: weigh the pending trajectories among `leaves` — (batch
-        row of their packed tree, trajectory index, (n,) indices of the leaf's tokens in that row) —
-        from that forward's attention, each map read over the leaf's own tokens."""
+    def tap(self, model, leaves: list[tuple[int, int, Tensor]]):
+        """Around a forward (rows or packed trees): weigh the pending trajectories among `leaves` — (batch
+        row holding the leaf, trajectory index, (n,) indices of the leaf's tokens in that row, in order)
+        — from that forward's attention, each map read over the leaf's own tokens."""
         todo = [(row, i, idx) for row, i, idx in leaves if i in self.pending]
         if not todo:
             yield
@@ -154,13 +135,9 @@ class CreditStep:
             self._use_flow(i, m.cpu())
         self.seconds += tap.seconds + time.perf_counter() - t0
 
-    def row_weights(self, rows: list[int], n: int) -> Tensor:
-        """(len(rows), n) weights of `rows`, right-padded with 1 / cut to n positions."""
-        out = torch.ones(len(rows), n, dtype=torch.float32)
-        for j, i in enumerate(rows):
-            w = self.weights[i][:n]
-            out[j, :len(w)] = w
-        return out
+    def hook(self, batch, model) -> "CreditHook":
+        """The trainer's forward hook over a token batch whose leaves are this step's rows, in order."""
+        return CreditHook(self, batch, model)
 
     def compute(self) -> None:
         """Weigh every pending row with separate no-grad forwards (stopped after the last chosen
@@ -224,30 +201,30 @@ def sample_record(tokenizer, traj, advantage: float, weights: Tensor, regions, s
             "weight": [float(x) for x in weights[p:]]}
 
 
-def reweight_packed(coef: Tensor, leaf_index: dict[int, Tensor], leaf_adv: dict[int, float],
-                    leaf_weights: dict[int, Tensor]) -> Tensor:
-    """Packed coefficients with per-leaf token weights: coef[t] = Σ_ℓ A_ℓ · w_ℓ(t) over the leaves ℓ
-    whose path holds scored token t.
+class CreditHook:
+    """Around a micro-batch forward: weigh its pending leaves from that forward's attention (each leaf's
+    map over its own tokens, wherever the layout puts them); after it, hand every leaf's weights to the
+    batch, which multiplies them into the leaf's advantages (`TokenBatch.set_weights`)."""
 
-    coef (P,): the unweighted coefficients Σ_ℓ A_ℓ (returned as is for leaves without weights);
-    leaf_index: leaf -> (n_ℓ,) indices into the P scored tokens of its sampled tokens, in order;
-    leaf_weights: leaf -> (n_ℓ,) its weights at those tokens."""
-    out = coef.clone()
-    for leaf, w in leaf_weights.items():
-        idx = leaf_index[leaf]
-        if w.shape != idx.shape:
-            raise ValueError(f"leaf {leaf}: {w.numel()} weights for {idx.numel()} sampled tokens")
-        out.index_add_(0, idx, leaf_adv[leaf] * (w.to(out.dtype) - 1))
-    return out
+    def __init__(self, cs: CreditStep, batch, model):
+        self.cs, self.batch, self.model = cs, batch, model
+        self.done: set[int] = set()
+
+    def around(self, mb):
+        return self.cs.tap(self.model, [(row, leaf, seq) for row, leaf, seq in mb.tap_rows])
+
+    def after(self, mb) -> None:
+        for leaf in mb.leaves:
+            if leaf not in self.done and leaf not in self.cs.pending:
+                self.batch.set_weights(leaf, self.cs.weights[leaf])
+                self.done.add(leaf)
 
 
 def write_samples(records: list[dict], path: str | Path) -> None:
     """One sampled row per line (RUN_DIR/credit/step_XXXXXX.jsonl), written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    tmp.replace(path)
+    from tracerl.rundir import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def read_samples(path: str | Path) -> list[dict]:

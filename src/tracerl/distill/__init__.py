@@ -1,4 +1,4 @@
-"""Token-routed self on-policy distillation (METHODS.md §6): annotators, the privileged teacher, routing.
+"""Token-routed self on-policy distillation (docs/distillation.md): annotators, the privileged teacher, routing.
 
 The pure tensor parts (KL, routes, λ schedule, routed loss) live in `tracerl.algos.distill`.
 """
@@ -6,8 +6,9 @@ The pure tensor parts (KL, routes, λ schedule, routed loss) live in `tracerl.al
 from tracerl.distill.annotate import ANNOTATORS, RULES, Annotation, AnnotationItem, parse_annotation
 from tracerl.distill.distiller import Distiller
 from tracerl.distill.spans import ResponseText, response_text, spans_to_tokens, token_char_ranges
-from tracerl.distill.teacher import TEACHER_CONTEXTS, TeacherSequence, privileged_note, teacher_logprobs, teacher_sequence
+from tracerl.distill.teacher import (TEACHER_CONTEXTS, TeacherNoteDemos, TeacherSequence, privileged_note,
+                                    teacher_logprobs, teacher_sequence)
 
 __all__ = ["ANNOTATORS", "RULES", "TEACHER_CONTEXTS", "Annotation", "AnnotationItem", "Distiller", "ResponseText",
-           "TeacherSequence", "parse_annotation", "privileged_note", "response_text", "spans_to_tokens",
+           "TeacherNoteDemos", "TeacherSequence", "parse_annotation", "privileged_note", "response_text", "spans_to_tokens",
            "teacher_logprobs", "teacher_sequence", "token_char_ranges"]

@@ -1,4 +1,4 @@
-"""Annotators: key spans in successful rollouts, error spans in failed ones (METHODS.md §6.1).
+"""Annotators: key spans in successful rollouts, error spans in failed ones (docs/distillation.md §3).
 
 An annotator reads a trajectory's response text (`spans.ResponseText`) and returns, per leaf, one
 coarse diagnostic type and character spans `[start, end)` over that text. Registry `ANNOTATORS`:

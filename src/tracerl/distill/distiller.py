@@ -1,10 +1,11 @@
 """The trainer's view of routed self-distillation: per step, annotate -> route -> teacher -> loss.
 
-`Distiller.prepare(trajs, step)` runs once per update: λ(step), annotations (successes get key
+`Distiller.prepare(batch, step)` runs once per update: λ(step), annotations (successes get key
 spans; failures error spans when they are used), the token masks of the three channels and the
-teacher sequences. `DistillBatch.loss(...)` is called per micro-batch with the student's logits and
-the unreduced PG loss; it runs the teacher pass for the rows that route tokens to a KL and returns
-the micro-batch's share of the loss. At λ = 0 nothing is annotated and no teacher runs.
+teacher sequences, all in the token batch's leaf-major matrix. The objective takes the policy-gradient
+channel from `DistillBatch.pg_mask` and adds `DistillBatch.loss(...)` per micro-batch: the teacher pass
+for the leaves that route tokens to a KL, and their KL terms. At λ = 0 nothing is annotated and no
+teacher runs.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tracerl.algos.distill import kl_weight_at, route_masks, routed_loss
+from tracerl import seeding
+from tracerl.algos.distill import kl_weight_at, route_masks, routed_kl
 from tracerl.backends.hf import HFPolicy
 from tracerl.config import Config, ConfigError
 from tracerl.distill.annotate import ANNOTATORS, RULES, Annotation, AnnotationItem, AnnotatorContext
 from tracerl.distill.spans import ResponseText, response_text, spans_to_tokens
 from tracerl.distill.teacher import TeacherSequence, privileged_note, teacher_logprobs, teacher_sequence
 from tracerl.envs.base import Environment
-from tracerl.rollout import Trajectory
+from tracerl.tree import Leaf
 
 
 def schedule_lengths(cfg: Config) -> tuple[int, int, int]:
@@ -51,37 +53,43 @@ def capped_tokens(response: ResponseText, spans: list[tuple[int, int]], max_span
 
 @dataclass
 class DistillBatch:
-    """Routing of one update's rows (B, L − 1 target positions, like the trainer's shifted mask)."""
+    """Routing of one update's leaves, in the leaf-major matrix (N, n_max) of its token batch: row ℓ,
+    column k is leaf ℓ's k-th sampled token (`TokenBatch.sampled_pos`)."""
 
     distiller: "Distiller"
     weight: float
-    pg_mask: Tensor
-    fkl_mask: Tensor
-    rkl_mask: Tensor
-    teacher: list[TeacherSequence | None]  # per row; None: the row routes nothing to a KL
+    pg: Tensor  # (N, n_max) tokens of the policy-gradient channel
+    fkl: Tensor  # (N, n_max) forward-KL (key span) tokens
+    rkl: Tensor  # (N, n_max) reverse-KL (error span) tokens
+    teacher: list[TeacherSequence | None]  # per leaf; None: the leaf routes nothing to a KL
+    sampled_pos: list[Tensor]  # per leaf: positions of its sampled tokens in its own sequence
     metrics: dict[str, float] = field(default_factory=dict)
     teacher_s: float = 0.0
 
-    def loss(self, model, rows: Tensor, mb: Tensor, n: int, logits: Tensor, pg: Tensor, agg_fn,
-             pg_denominator, max_len: int, stats: dict[str, list[float]]) -> Tensor:
-        """This micro-batch's loss: rows (r,) of the update, mb the rows of its mini-batch, n the trimmed
-        length, logits (r, n − 1, V) at the policy temperature, pg the unreduced PG loss (r, n − 1)."""
+    def pg_mask(self, leaves: list[int]) -> Tensor:
+        return self.pg[leaves]
+
+    def loss(self, model, mb, logits: Tensor, den_leaves: list[int], stats: dict[str, list[float]]) -> Tensor:
+        """The teacher channels of a micro-batch: logits (n, n_max, V) are the student's at its leaves'
+        sampled tokens (policy temperature); `den_leaves` are the mini-batch's leaves (denominators)."""
         d = self.distiller
-        pm, fm, rm = (m[rows, : n - 1].to(pg.device) for m in (self.pg_mask, self.fkl_mask, self.rkl_mask))
+        fm, rm = self.fkl[mb.leaves].to(logits.device), self.rkl[mb.leaves].to(logits.device)
         teacher = None
-        routed = [i for i, r in enumerate(rows.tolist()) if self.teacher[r] is not None]
+        routed = [j for j, i in enumerate(mb.leaves) if self.teacher[i] is not None]
         if self.weight > 0 and routed and bool((fm + rm).sum() > 0):
             t0 = time.perf_counter()
-            tlp = teacher_logprobs(model, [self.teacher[int(rows[i])] for i in routed], n - 1, pad_id=d.pad_id,
+            seqs = [self.teacher[mb.leaves[j]] for j in routed]
+            tlp = teacher_logprobs(model, seqs, max(s.student_len for s in seqs) - 1, pad_id=d.pad_id,
                                    temperature=d.temperature, device=d.device, bf16=d.bf16)
             V = logits.shape[-1]
-            teacher = torch.full((len(rows), n - 1, V), -torch.log(torch.tensor(float(V))).item(), device=logits.device)
-            teacher[routed] = tlp[..., :V].to(logits.device)
+            teacher = torch.full_like(logits, -torch.log(torch.tensor(float(V))).item())
+            for r, j in enumerate(routed):
+                t = self.sampled_pos[mb.leaves[j]] - 1  # the target index of each sampled token
+                teacher[j, : t.numel()] = tlp[r, t.to(tlp.device), :V].to(logits.device)
             self.teacher_s += time.perf_counter() - t0
-        loss, kst = routed_loss(pg, pm, fm, rm, logits, teacher, weight=self.weight, agg_fn=agg_fn, topk=d.cfg.topk,
-                                pg_denominator=pg_denominator,
-                                fkl_denominator=self.fkl_mask[mb].sum().clamp(min=1).to(pg.device),
-                                rkl_denominator=self.rkl_mask[mb].sum().clamp(min=1).to(pg.device), max_len=max_len)
+        loss, kst = routed_kl(fm, rm, logits, teacher, weight=self.weight, topk=d.cfg.topk,
+                              fkl_denominator=self.fkl[den_leaves].sum().clamp(min=1).to(logits.device),
+                              rkl_denominator=self.rkl[den_leaves].sum().clamp(min=1).to(logits.device))
         for k in ("kl_key", "kl_error"):
             if k in kst:
                 stats.setdefault(k, []).append(kst[k])
@@ -118,11 +126,11 @@ class Distiller:
     def weight(self, step: int) -> float:
         return kl_weight_at(step, self.cfg.kl_weight, *self.schedule)
 
-    def _annotations(self, trajs: list[Trajectory], responses: list[ResponseText], step: int) -> list[Annotation | None]:
+    def _annotations(self, trajs: list[Leaf], responses: list[ResponseText], step: int) -> list[Annotation | None]:
         """One annotation per row that can route something (successes; failures when RKL is on)."""
         want = [i for i, t in enumerate(trajs) if t.reward > 0 or self.cfg.reverse_kl_on_errors]
         items = [AnnotationItem(trajs[i].task, trajs[i].reward > 0, responses[i]) for i in want]
-        gen = torch.Generator().manual_seed((self.full.run.seed * 1_000_003 + step * 7919 + 101) % (2**63))
+        gen = seeding.generator(self.full.run.seed, step, "annotator")
         out: list[Annotation | None] = [None] * len(trajs)
         before = getattr(self.annotate, "gen_tokens", 0)
         for i, ann in zip(want, self.annotate(items, gen) if items else []):
@@ -130,8 +138,10 @@ class Distiller:
         self.annotator_gen_tokens = getattr(self.annotate, "gen_tokens", 0) - before
         return out
 
-    def prepare(self, trajs: list[Trajectory], step: int) -> DistillBatch:
+    def prepare(self, batch, step: int) -> DistillBatch:
+        """λ(step), annotations, routing and teacher sequences of a `TokenBatch`'s leaves."""
         d = self.cfg
+        trajs = batch.leaves
         w = self.weight(step)
         L = max(len(t.token_ids) for t in trajs)
         mask = torch.zeros(len(trajs), L)
@@ -178,4 +188,14 @@ class Distiller:
         m["teacher_rows"] = float(sum(s is not None for s in teacher))
         gen = tmask.sum().clamp(min=1)  # routed shares of the generated tokens (all_tokens: key = every token)
         m["key_token_frac"], m["error_token_frac"] = float(fkl_mask.sum() / gen), float(rkl_mask.sum() / gen)
-        return DistillBatch(self, w, pg_mask, fkl_mask, rkl_mask, teacher, m)
+        pg, fkl, rkl = (to_leaf_matrix(x, batch.sampled_pos, batch.mask.shape[1]) for x in (pg_mask, fkl_mask, rkl_mask))
+        return DistillBatch(self, w, pg, fkl, rkl, teacher, batch.sampled_pos, m)
+
+
+def to_leaf_matrix(shifted: Tensor, sampled_pos: list[Tensor], n_max: int) -> Tensor:
+    """A (B, L − 1) mask over target positions -> the leaf-major (B, n_max) matrix of sampled tokens
+    (the token at sequence position p is the target at position p − 1)."""
+    out = torch.zeros(shifted.shape[0], n_max, dtype=shifted.dtype)
+    for i, pos in enumerate(sampled_pos):
+        out[i, : pos.numel()] = shifted[i, pos - 1]
+    return out

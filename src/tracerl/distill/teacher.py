@@ -3,18 +3,20 @@
 The teacher sequence is the privileged prompt (a note with the reference answer / solution and the
 leaf's coarse diagnostic type, ahead of the task's own prompt) followed by the student's response
 token ids unchanged: no re-tokenisation, so response token j of the student is token j of the
-teacher's response and the two distributions compare position by position (METHODS.md §6.1).
+teacher's response and the two distributions compare position by position (docs/distillation.md §2).
 Observations stay in the sequence as context; they are never scored or trained on.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from tracerl.distill.annotate import ERROR_LABELS, KEY_LABELS
 from tracerl.envs.base import Environment, Task
 from tracerl.registry import Registry
 from tracerl.rollout import encode_prompt
@@ -77,6 +79,20 @@ class NotedEnv:
 
     def user_prompt(self, task: Task) -> str:
         return f"{self.note}\n{self.env.user_prompt(task)}"
+
+
+class TeacherNoteDemos:
+    """SFT demos shown with this teacher's note (`sft.teacher_share`), so that the warm start learns to
+    use it and can later serve as its own privileged teacher. `tracerl.setup` hands it to the SFT recipe
+    (as its `tracerl.sft.NoteDemos`)."""
+
+    def draw(self, env_name: str, task: Task, rng: random.Random) -> str:
+        """The reference at either level, and an assessment label of either outcome or none."""
+        label = rng.choice([None, "success", "failure", *KEY_LABELS, *ERROR_LABELS])
+        return privileged_note(env_name, task, rng.choice(["solution", "answer"]), label)
+
+    def show(self, env: Environment, note: str) -> Environment:
+        return NotedEnv(env, note)
 
 
 @dataclass

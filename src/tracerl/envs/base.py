@@ -12,27 +12,10 @@ place where text becomes tokens.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-
-@dataclass(frozen=True)
-class Task:
-    """One verifiable task instance (a prompt / tree root)."""
-
-    id: str
-    question: str
-    answers: tuple[str, ...]  # gold answer first, then aliases
-    meta: dict[str, Any] = field(default_factory=dict)  # hops, template, supporting docs, split ...
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["answers"] = list(self.answers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Task":
-        return cls(id=d["id"], question=d["question"], answers=tuple(d["answers"]), meta=dict(d.get("meta", {})))
+from tracerl.task import Task  # defined at the bottom layer (trees use it too); still importable from here
 
 
 @dataclass

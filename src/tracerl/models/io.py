@@ -1,7 +1,8 @@
 """Saving and loading policies as plain Hugging Face directories (config + safetensors + tokenizer).
 
-A model directory is only ever made visible by one `os.replace`, so a crash mid-save leaves a stray
-temporary sibling, never a directory that looks valid but holds half the weights.
+A model directory is only ever made visible by one rename (`rundir.atomic_dir`), so a crash mid-save
+leaves a hidden temporary sibling (cleared by the next save), never a directory that looks valid but
+holds half the weights.
 """
 
 from __future__ import annotations
@@ -10,14 +11,13 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
 
 from tracerl.errors import ModelLoadError, NotAModelDirError
+from tracerl.rundir import atomic_dir
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -41,9 +41,7 @@ def atomic_save_pretrained(
     provenance), so they appear together with the model or not at all. Returns `out_dir`.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_dir(out) as tmp:
         # safetensors is the default (and only) format in the transformers versions we support.
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -51,22 +49,7 @@ def atomic_save_pretrained(
             raise RuntimeError(f"save_pretrained wrote no safetensors weights into {tmp}")
         for name, obj in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        _swap_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    # os.replace cannot overwrite a non-empty directory: move the old one aside first. In the short
-    # window between the two renames `out` is absent, which readers see as "not there yet".
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:

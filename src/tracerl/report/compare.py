@@ -24,7 +24,8 @@ from pathlib import Path
 from tracerl.errors import TracerlError
 from tracerl.report.html import PALETTE, STYLE, TOKENS, Chart, Line, esc, html_table, svg_chart, write_page
 from tracerl.report.rundir import RunData, lookup, read_run, series, with_cumulative_tokens
-from tracerl.runlog import EVAL_FILE, METRICS_FILE, format_number
+from tracerl.rundir import CONFIG_FILE, EVAL_FILE, METRICS_FILE
+from tracerl.runlog import format_number
 
 DEFAULT_LABEL_KEYS = ("rollout.allocator", "algo.advantage")
 VALIDATION_SPLITS = ("validation", "val")
@@ -172,7 +173,7 @@ def read_runs(run_dirs: list[str | os.PathLike]) -> list[RunData]:
         path = Path(run_dir)
         if not path.is_dir():
             raise TracerlError(f"run directory {path} does not exist")
-        if not (path / METRICS_FILE).is_file() and not (path / "config.yaml").is_file():
+        if not (path / METRICS_FILE).is_file() and not (path / CONFIG_FILE).is_file():
             raise TracerlError(f"{path} is not a run directory (no config.yaml or {METRICS_FILE})")
         runs.append(read_run(path))
     return runs

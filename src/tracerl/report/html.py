@@ -5,7 +5,7 @@
 Charts are inline SVG drawn here, with no JavaScript, stylesheet or font fetched from elsewhere:
 the report has to open on an offline machine and survive being copied around as one file.
 Curves are drawn twice — against step and against cumulative generated tokens — because methods
-are compared at equal cost (METHODS.md §1), not at equal step count.
+are compared at equal cost (docs/cost.md §7), not at equal step count.
 """
 
 from __future__ import annotations
@@ -14,16 +14,15 @@ import datetime
 import html
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from tracerl.report.credit import CREDIT_STYLE, credit_section
 from tracerl.report.rundir import RunData, config_summary, read_run, series, with_cumulative_tokens
 from tracerl.report.trees import DEFAULT_PROMPTS, TREE_STYLE, tree_section
+from tracerl.rundir import REPORT_FILE, atomic_write_text
 from tracerl.runlog import as_float, format_number
 
-REPORT_FILE = "report.html"
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
 TOKENS = "cum_gen_tokens"
 
@@ -284,14 +283,4 @@ def write_report(run_dir: str | os.PathLike, tree_step: int | None = None,
 
 def write_page(page: str, path: str | os.PathLike) -> Path:
     """Write one HTML page atomically (a temporary file beside it, then a rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, page)

@@ -1,5 +1,7 @@
 """Read a run directory back: config snapshot, step metrics, evaluation rows, checkpoints.
 
+The layout (file names) is `tracerl.rundir`'s, shared with the writers; this module only reads.
+
 Every reader tolerates missing pieces (a run that crashed before its first evaluation, a run dir
 copied without checkpoints), returning empty values rather than raising.
 """
@@ -15,13 +17,9 @@ from typing import Any
 
 import yaml
 
-from tracerl.runlog import EVAL_FILE, METRICS_FILE, as_float, read_jsonl
-
-CONFIG_FILE = "config.yaml"
-CHECKPOINT_DIR = "checkpoints"
-TREES_DIR = "trees"
-BREAKDOWN_FILE = "eval_breakdown.jsonl"  # `tracerl eval` on QA data: metrics per dataset / type / hops
-CREDIT_DIR = "credit"
+from tracerl.rundir import (BREAKDOWN_FILE, CHECKPOINT_DIR, CONFIG_FILE, CREDIT_DIR, EVAL_FILE, METRICS_FILE,
+                            TREES_DIR, step_of)
+from tracerl.runlog import as_float, read_jsonl
 
 # Where the summary fields live in a config snapshot; the first path holding a value wins.
 # The first paths are tracerl's own config (tracerl/config.py), the others common spellings.
@@ -105,12 +103,8 @@ def tree_files(run_dir: str | os.PathLike, subdir: str = TREES_DIR) -> dict[int,
     root = Path(run_dir) / subdir
     if not root.is_dir():
         return {}
-    found = {}
-    for path in root.glob("step_*.jsonl"):
-        digits = path.stem.removeprefix("step_")
-        if digits.isdigit():
-            found[int(digits)] = path
-    return dict(sorted(found.items()))
+    found = {step_of(path): path for path in root.glob("step_*.jsonl")}
+    return dict(sorted((step, path) for step, path in found.items() if step is not None))
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:

@@ -9,22 +9,18 @@ mean generated tokens of a chain from the root, measured on real rollouts of the
 
 from __future__ import annotations
 
-import random
 import statistics
 
-
-
+from tracerl import seeding
 from tracerl.allocate.basic import ALLOCATORS, AllocationContext, match_tree_shape
 from tracerl.backends.hf import HFPolicy, SamplingParams
 from tracerl.config import Config
+from tracerl.models.io import load_policy
+from tracerl.rollout import RolloutEngine
+from tracerl.setup import build_env, resolve_model_path
 
 
 def calibrate(cfg: Config, steps: int = 3, log=print) -> dict[str, float]:
-    from tracerl.models.io import load_policy
-    from tracerl.rollout import RolloutEngine
-    from tracerl.sft import build_env
-    from tracerl.train import resolve_model_path, step_generator
-
     r = cfg.rollout
     env = build_env(cfg)
     model, tok = load_policy(resolve_model_path(cfg, log))
@@ -33,14 +29,14 @@ def calibrate(cfg: Config, steps: int = 3, log=print) -> dict[str, float]:
     tasks = env.tasks("train")
     chain_tokens, f_values = [], []
     for step in range(steps):
-        rng = random.Random(cfg.run.seed * 7 + step)
+        rng = seeding.rng(cfg.run.seed, step, "calibrate_prompts")
         batch = rng.sample(tasks, min(r.prompts_per_step, len(tasks)))
-        eng = RolloutEngine(policy, env, params, step_generator(cfg.run.seed, step, 1), cfg.model.chat_template,
-                            r.batch_size)
+        eng = RolloutEngine(policy, env, params, seeding.generator(cfg.run.seed, step, "calibrate_chains"),
+                            cfg.model.chat_template, r.batch_size)
         ALLOCATORS.get("uniform")(AllocationContext(eng, r.model_copy(update={"token_budget": None}), rng), batch)
         chain_tokens.append(eng.cost.gen_tokens / eng.cost.trajectories)
-        eng = RolloutEngine(policy, env, params, step_generator(cfg.run.seed, step, 2), cfg.model.chat_template,
-                            r.batch_size)
+        eng = RolloutEngine(policy, env, params, seeding.generator(cfg.run.seed, step, "calibrate_trees"),
+                            cfg.model.chat_template, r.batch_size)
         tree_cfg = r.model_copy(update={"token_budget": None, "leaves_per_tree": None})
         ALLOCATORS.get("tree_grpo")(AllocationContext(eng, tree_cfg, rng), batch)
         f_values.append(eng.cost.continuation_fraction)
@@ -58,6 +54,3 @@ def overrides_for(result: dict[str, float]) -> list[str]:
     return ["rollout.allocator=tree_grpo", f"rollout.trees_per_prompt={result['trees_per_prompt']}",
             f"rollout.expansions={result['expansions']}", f"rollout.rounds={result['rounds']}",
             f"rollout.token_budget={result['token_budget']}"]
-
-
-

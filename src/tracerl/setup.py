@@ -1,0 +1,64 @@
+"""What every command does before it runs a model: threads, the environment, the initial policy.
+
+    cfg = load_config(path, overrides)
+    apply_threads(cfg)
+    env = build_env(cfg)
+    model_dir = resolve_model_path(cfg)   # the SFT warm start (trained once, cached) or the pretrained policy
+
+`tracerl train`, `sft`, `eval` and `calibrate` (and the benchmarks) start here, so that they agree on
+what a config means before the first forward pass.
+
+This module also puts the SFT warm start together (`warm_start`): the recipe in `tracerl.sft` receives
+the environment, the pretrained base and, for `sft.teacher_share`, the distillation teacher's note
+demos from here, and so imports neither this module nor `tracerl.distill`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tracerl.config import Config
+from tracerl.distill.teacher import TeacherNoteDemos
+from tracerl.envs import make_env
+from tracerl.envs.base import Environment
+from tracerl.sft import SFTInputs, run_sft
+
+
+def apply_threads(cfg: Config) -> None:
+    """run.threads (torch intra-op threads) for every command that runs the model: train, sft, eval, calibrate."""
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+
+
+def build_env(cfg: Config) -> Environment:
+    """The config's environment (env.name with its seed, turn cap and options)."""
+    return make_env(cfg.env.name, seed=cfg.env.seed, max_turns=cfg.env.max_turns, **cfg.env.options)
+
+
+def uses_sft(cfg: Config) -> bool:
+    """Whether the initial policy is an SFT warm start (tiny: sft.enabled; pretrained: sft.pretrained)."""
+    return cfg.sft.enabled if cfg.model.preset == "tiny" else cfg.sft.pretrained
+
+
+def pretrained_path(cfg: Config) -> Path:
+    """The pretrained policy of a non-tiny preset: the converted SmolLM2, or the user's model path."""
+    if cfg.model.preset == "smollm2-135m":
+        from tracerl.models.smollm2 import smollm2_path  # converts the shipped GGUF on first use
+
+        return smollm2_path()
+    return Path(cfg.model.path)
+
+
+def warm_start(cfg: Config, force: bool = False, log=print) -> Path:
+    """The SFT warm start of cfg (cached by `tracerl.sft.sft_key`; trained on a miss or with `force`)."""
+    inputs = SFTInputs(env=lambda: build_env(cfg), base=lambda: pretrained_path(cfg), notes=TeacherNoteDemos())
+    return run_sft(cfg, inputs, force=force, log=log)
+
+
+def resolve_model_path(cfg: Config, log=print) -> Path:
+    """Where the initial policy comes from: the SFT cache, the converted SmolLM2, or a user path."""
+    if cfg.model.preset == "tiny" or uses_sft(cfg):
+        return warm_start(cfg, log=log)
+    return pretrained_path(cfg)
