@@ -1,5 +1,5 @@
 """Equal-cost calibration: measure what a chain and a continuation cost with the current policy,
-then pick Tree-GRPO sizes (or a per-prompt token budget) that match G chains (METHODS.md §1, §3.4).
+then pick Tree-GRPO sizes (or a per-prompt token budget) that match G chains (docs/cost.md §5, §7; docs/tree_grpo.md §6).
 
     tracerl calibrate [--config FILE] [--steps 3] [section.key=value ...]
 

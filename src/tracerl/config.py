@@ -99,7 +99,7 @@ class RolloutConfig(Section):
 
 
 class AllocConfig(Section):
-    """Budget allocation of the dapo / pcl / knapsack / trace allocators (METHODS.md §2, §4)."""
+    """Budget allocation of the dapo / pcl / knapsack / trace allocators (docs/trace.md §1–§5, §7)."""
 
     pool_factor: float = Field(2.0, ge=1, description="pcl / trace: candidate prompts scored per step = ceil(pool_factor · rollout.prompts_per_step).")
     root_rollouts: int | None = Field(None, ge=2, description="trace: bare rollouts per step (M); None: round(prompts_per_step · group_size / (1 + N · continuation_fraction)), the expected cost of G chains per prompt.")
@@ -116,7 +116,7 @@ class AllocConfig(Section):
 
 
 class PredictorConfig(Section):
-    """The success predictor Ṽ(prefix) used by pcl / trace (METHODS.md §4.4); never part of the policy loss."""
+    """The success predictor Ṽ(prefix) used by pcl / trace (docs/trace.md §6); never part of the policy loss."""
 
     head: Literal["mlp", "logistic"] = Field("mlp", description="Head on the standardized features: 2-layer MLP (GELU, dropout) or logistic regression.")
     hidden: int = Field(256, ge=1, description="mlp: hidden units.")
@@ -151,7 +151,7 @@ class AlgoConfig(Section):
 
 
 class DistillConfig(Section):
-    """Token-routed self on-policy distillation (METHODS.md §6): the policy, shown the reference solution, is a teacher."""
+    """Token-routed self on-policy distillation (docs/distillation.md): the policy, shown the reference solution, is a teacher."""
 
     mode: Literal["off", "routed", "all_tokens"] = Field("off", description="off (plain PG loss), routed (forward KL on key-span tokens, optional reverse KL on error spans, PG on the rest), all_tokens (forward KL on every generated token).")
     annotator: str = Field("rule", description="Span annotator (registry: rule = per-environment rules, self = the policy as a JSON annotator, external = distill.annotator_model, none = no spans).")
@@ -176,13 +176,13 @@ class DistillConfig(Section):
 
 
 class CreditConfig(Section):
-    """Token-level credit: per-token weights on the advantage (METHODS.md §5, FlowTracer); off by default."""
+    """Token-level credit: per-token weights on the advantage (docs/flowtracer.md); off by default."""
 
     name: str = Field("none", description="Token weighting rule (registry: none, flowtracer = boost the top tokens by question-to-answer attention flow, random / bottom = ablation controls).")
     layers: list[int] | None = Field(None, description="Layers whose head-averaged attention builds the token graph (None: num_layers evenly spaced in [L/3, 2L/3]).")
     num_layers: int = Field(5, ge=1, description="With layers=None: how many middle layers to average.")
-    top_fraction: float = Field(0.4, gt=0, le=1, description="Share of a row's sampled tokens (EOS excluded) that get the boost (METHODS.md flow.top_q).")
-    boost: float = Field(1.5, gt=0, description="Weight of the chosen tokens; all others keep 1 (METHODS.md flow.gamma).")
+    top_fraction: float = Field(0.4, gt=0, le=1, description="Share of a row's sampled tokens (EOS excluded) that get the boost (docs/flowtracer.md §5).")
+    boost: float = Field(1.5, gt=0, description="Weight of the chosen tokens; all others keep 1 (docs/flowtracer.md §5).")
     nonneg_only: bool = Field(False, description="Weight only rows with a positive advantage (rows with A < 0 keep weight 1; A = 0 rows are always skipped).")
     score: Literal["phi", "h", "alpha"] = Field("phi", description="Token score ranked by flowtracer / bottom: phi = throughput, h = answer reachability, alpha = question reach.")
     source: Literal["question", "prompt"] = Field("question", description="Flow source: the question's tokens inside the prompt (falls back to the prompt if not found) or every prompt token.")

@@ -38,6 +38,8 @@ PRESETS: dict[str, list[str]] = {
     "tree_grpo": TREE,
     "tree_grpo_packed": [*TREE, "algo.dedup_prefix=true"],
     "tree_grpo_packed_ppo2": [*TREE, "algo.dedup_prefix=true", "trainer.ppo_epochs=2", "algo.kl_coef=0.01"],
+    # the same run, one row per leaf (recorded on the old code: the per-leaf reference at ratio != 1)
+    "tree_grpo_ppo2": [*TREE, "trainer.ppo_epochs=2", "algo.kl_coef=0.01"],
     "trace": ["rollout.allocator=trace", "algo.advantage=tree_grpo", "alloc.pool_factor=2.0", "predictor.warmup=1",
               "predictor.hidden=32"],
     "flowtracer": ["credit.name=flowtracer"],
@@ -47,7 +49,11 @@ PRESETS: dict[str, list[str]] = {
     # Dr.GRPO's normaliser changes by design (longest response instead of the padded sequence length)
     "dr_grpo": ["algo.advantage=dr_grpo", "algo.aggregation=seq-mean-token-sum-norm"],
 }
-EXPECTED_TO_CHANGE = {"dr_grpo"}
+# Expected to change, each for a stated reason (tests/test_golden_update.py checks what they must match):
+#   dr_grpo: its normaliser is now the longest response, not the padded sequence length;
+#   tree_grpo_packed_ppo2: the old packed update summed the leaves' advantages before clipping, exact
+#   only at ratio 1; the new one clips each leaf's term, so it must match the per-leaf run instead.
+EXPECTED_TO_CHANGE = {"dr_grpo": None, "tree_grpo_packed_ppo2": "tree_grpo_ppo2"}
 
 
 def run_preset(name: str, run_dir: Path) -> dict:
@@ -86,8 +92,10 @@ def main() -> None:
 
     import tracerl
 
-    out = {"tracerl": str(Path(tracerl.__file__).parent), "presets": {}}
     names = [a for a in sys.argv[1:] if not a.startswith("--")] or list(PRESETS)
+    out = {"tracerl": str(Path(tracerl.__file__).parent), "presets": {}}
+    if "--write" in sys.argv and GOLDEN.exists() and names != list(PRESETS):  # add or redo some presets only
+        out = json.loads(GOLDEN.read_text())
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             out["presets"][name] = run_preset(name, Path(tmp) / name)

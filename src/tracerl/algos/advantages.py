@@ -1,4 +1,4 @@
-"""Group-relative advantage estimators (METHODS.md §2).
+"""Group-relative advantage estimators (docs/estimators.md §1–§6).
 
 Every estimator has the same signature so the trainer can look it up by name:
 

@@ -1,4 +1,4 @@
-"""Policy losses, loss aggregation and per-token log-prob / entropy helpers (METHODS.md §2).
+"""Policy losses, loss aggregation and per-token log-prob / entropy helpers (docs/estimators.md §7–§10).
 
 A policy loss returns an unreduced per-token loss (B, T), zero off the mask, plus detached scalar
 statistics; an aggregation turns it into the scalar that is back-propagated. Keeping the two apart

@@ -1,4 +1,4 @@
-"""Allocators that decide how many rollouts each prompt gets (METHODS.md §2, §4): DAPO dynamic
+"""Allocators that decide how many rollouts each prompt gets (docs/trace.md): DAPO dynamic
 sampling, PCL-style filtering, Knapsack-style counts and TRACE (Stage 1 root counts on predicted
 values, Stage 2 continuations on predicted prefix values).
 
@@ -94,7 +94,7 @@ def _top_up(ctx: AllocationContext, prompts: list[list[RolloutTree]], v: list[fl
 
 @ALLOCATORS.register("dapo")
 def dapo(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
-    """DAPO dynamic sampling (§2): groups of G chains; groups whose binary rewards are all equal are
+    """DAPO dynamic sampling (docs/trace.md §7.1): groups of G chains; groups whose binary rewards are all equal are
     dropped (their cost stays charged); fresh prompts are drawn for the missing groups, for at most
     `alloc.dapo_rounds` rounds (and, with a token budget, no round starts once it is spent). Returns
     at most B mixed groups; if no group was mixed, the first round's groups (all zero advantage)."""
@@ -125,7 +125,7 @@ def dapo(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
 
 @ALLOCATORS.register("pcl", uses_predictor=True)
 def pcl(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
-    """PCL-style filtering (§2): a pool of ceil(pool_factor·B) prompts (the batch first) is scored by the
+    """PCL-style filtering (docs/trace.md §7.2): a pool of ceil(pool_factor·B) prompts (the batch first) is scored by the
     predictor; the B with predicted v nearest 0.5 get G chains each. Before the predictor is warm, every
     v is 0.5 and the batch itself is taken (no scoring pass)."""
     B, G = len(tasks), ctx.rollout.group_size
@@ -144,7 +144,7 @@ def pcl(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
 
 @ALLOCATORS.register("knapsack")
 def knapsack(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
-    """Knapsack-style counts (§2): B·G root chains split by the Stage 1 DP on each prompt's latest
+    """Knapsack-style counts (docs/trace.md §7.3): B·G root chains split by the Stage 1 DP on each prompt's latest
     empirical success rate (`ctx.prompt_stats`; unseen: 0.5), counts in {0, 2..cap_root}; prompts with
     0 chains are left out this step."""
     B, G, cap = len(tasks), ctx.rollout.group_size, ctx.alloc.cap_root
@@ -163,7 +163,7 @@ def knapsack(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
 
 def stage1_counts(v: list[float] | None, n_pool: int, budget: int, cap: int, epsilon: float, solver: str,
                   cold_group: int, rng) -> list[int]:
-    """Bare rollouts per pool prompt (§4.2): Σ = budget (when n_pool·cap allows), each 0 or 2..cap.
+    """Bare rollouts per pool prompt (docs/trace.md §2): Σ = budget (when n_pool·cap allows), each 0 or 2..cap.
 
     v None (cold start): about budget / cold_group uniformly drawn prompts share the budget evenly.
     Otherwise 2⌊ε·budget/2⌋ rollouts go 2 each to uniformly drawn prompts and the Stage 1 solver
@@ -211,7 +211,7 @@ def _more_bare(eng, by_prompt: list[list[RolloutTree]], counts: list[int]) -> in
 
 def _stage2(ctx: AllocationContext, by_prompt: list[list[RolloutTree]], totals: list[int],
             root_v: list[float]) -> tuple[list[int], int]:
-    """Stage 2 (§4.3): prompt i places totals[i] continuations in `alloc.rounds` slices. Each slice scores
+    """Stage 2 (docs/trace.md §5): prompt i places totals[i] continuations in `alloc.rounds` slices. Each slice scores
     the prompt's non-leaf prefixes (continuations' ones included) whose leaves all share one outcome r
     (prefixes already mixed gain nothing more) with p = Ṽ(prefix), one predictor call per slice, and
     places its share by the exact greedy (at most cap_anchor per prefix). With `alloc.stage2_root` the
@@ -262,7 +262,7 @@ def _check_trace(r: RolloutConfig, a: AllocConfig) -> str | None:
 
 @ALLOCATORS.register("trace", uses_predictor=True, makes_trees=True, check=_check_trace)
 def trace(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
-    """TRACE (§4.1–4.3). Stage 1: M bare rollouts over a pool of ceil(pool_factor·B) prompts (the batch
+    """TRACE (docs/trace.md §1–§5). Stage 1: M bare rollouts over a pool of ceil(pool_factor·B) prompts (the batch
     first) by the exact DP on predicted root values (ε share to random pool prompts); each bare rollout
     seeds its own tree. Stage 2 (`_stage2`), per prompt: m_i·N continuations in `alloc.rounds` slices
     over its prefixes whose leaves share one outcome, by the exact greedy on q = r·p + (1 − r)(1 − p);

@@ -21,7 +21,7 @@ from tracerl.tree import RolloutTree
 
 @dataclass
 class RolloutCost:
-    """Measured sampling cost of a step (METHODS.md §1); every method is charged the same way."""
+    """Measured sampling cost of a step (docs/cost.md §1); every method is charged the same way."""
 
     gen_tokens: int = 0  # tokens sampled by the policy, discarded work included
     prefill_tokens: int = 0  # prompt/prefix tokens actually run through the model

@@ -1,4 +1,4 @@
-"""The shared success predictor Ṽ(prefix) of TRACE allocation (METHODS.md §4.4), and its calibration.
+"""The shared success predictor Ṽ(prefix) of TRACE allocation (docs/trace.md §6), and its calibration.
 
 Features of a node (a prompt root or a non-leaf prefix) are the policy's last-layer hidden state at
 the node's last token (captured by the rollout engine from a prefill it runs anyway), three scalars

@@ -1,4 +1,4 @@
-"""Budget solvers of TRACE allocation (METHODS.md §4.2, §4.3) and of the Knapsack / PCL baselines (§2).
+"""Budget solvers of TRACE allocation (docs/trace.md §2, §5) and of the Knapsack / PCL baselines (docs/trace.md §7.2–§7.3).
 
 Pure functions on plain floats: no models, no trees, no torch.
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from tracerl.errors import TracerlError
 
-P_CLIP = (0.02, 0.98)  # §4.3: predicted prefix values are clipped before computing q
+P_CLIP = (0.02, 0.98)  # docs/trace.md §5: predicted prefix values are clipped before computing q
 _TOL = 1e-9  # contrast sums closer than this count as tied (float sums in another order)
 _TOL_CLOSE = 1e-12  # the same for the tie-break Σ m·|v − 0.5|
 
@@ -100,7 +100,7 @@ def _value_table(v: Sequence[float], cap: int, weight: Callable[[float], float] 
 
 
 def root_allocate_dp(v: Sequence[float], budget: int, cap: int = 16) -> list[int]:
-    """Stage 1 (§4.2), exact: rollouts per prompt m_i ∈ {0} ∪ {2..cap}, Σ m_i = budget, maximising
+    """Stage 1 (docs/trace.md §2), exact: rollouts per prompt m_i ∈ {0} ∪ {2..cap}, Σ m_i = budget, maximising
     Σ contrast(v_i, m_i). Ties: see `_lexmax_dp`. O(P·budget·cap) in numpy (P=512, M=1024: ~0.1 s).
     Raises BudgetError (a ValueError) if no split exists (budget 1, odd with cap 2, above P·cap)."""
     _check_inputs(v, budget, cap)
@@ -109,7 +109,7 @@ def root_allocate_dp(v: Sequence[float], budget: int, cap: int = 16) -> list[int
 
 
 def root_allocate_greedy(v: Sequence[float], budget: int, cap: int = 16) -> list[int]:
-    """Stage 1 option `greedy` (§4.2): per prompt an activation item (2 rollouts, value 2v(1−v)),
+    """Stage 1 option `greedy` (docs/trace.md §2): per prompt an activation item (2 rollouts, value 2v(1−v)),
     then unit increments; items taken by value per rollout (ties: nearer 0.5, then earlier prompt).
     Spends the budget exactly like the DP (a last odd rollout is placed by moving one rollout from a
     prompt with ≥ 3 to activate a new one); never better than `root_allocate_dp`."""
@@ -140,7 +140,7 @@ ROOT_SOLVERS: dict[str, Callable[..., list[int]]] = {"dp": root_allocate_dp, "gr
 
 class Expansion(NamedTuple):
     counts: list[int]  # continuations per anchor (K_jt)
-    leftover: int  # budget that found no anchor (cap·anchors < budget): becomes root chains (§4.3)
+    leftover: int  # budget that found no anchor (cap·anchors < budget): becomes root chains (docs/trace.md §5)
 
 
 def repeat_chance(r: int, p: float) -> float:
@@ -150,7 +150,7 @@ def repeat_chance(r: int, p: float) -> float:
 
 
 def prefix_allocate_greedy(anchors: Sequence[tuple[int, float]], budget: int, cap: int = 4) -> Expansion:
-    """Stage 2 (§4.3): anchors are (r, p) pairs, r the chain's outcome, p the predicted value of the prefix.
+    """Stage 2 (docs/trace.md §5): anchors are (r, p) pairs, r the chain's outcome, p the predicted value of the prefix.
     Maximises Σ 1 − q^K over K_j ∈ [0, cap], Σ K_j = min(budget, cap·len(anchors)). A max-heap on the
     gain q^(k−1)(1 − q) of the k-th continuation is exact: the objective is separable and concave.
     Ties go to the earlier anchor."""
@@ -181,7 +181,7 @@ def expansion_gains(anchors: Sequence[tuple[int, float]], counts: Sequence[int])
 
 def knapsack_counts(success_rates: Sequence[float | None], budget: int, cap: int = 16,
                     value: str = "contrast") -> list[int]:
-    """Knapsack-style counts (§2, arXiv 2509.25849): the Stage 1 DP on each prompt's latest empirical
+    """Knapsack-style counts (docs/trace.md §7.3, arXiv 2509.25849): the Stage 1 DP on each prompt's latest empirical
     success rate (None = unseen → 0.5); `value = "ig"` weights a prompt's contrast by p(1 − p)²."""
     if value not in ("contrast", "ig"):
         raise BudgetError(f"knapsack value must be 'contrast' or 'ig', got {value!r}")
@@ -193,7 +193,7 @@ def knapsack_counts(success_rates: Sequence[float | None], budget: int, cap: int
 
 
 def pcl_select(v: Sequence[float], k: int) -> list[int]:
-    """PCL-style filtering (§2, arXiv 2510.01135): indices of the k prompts with the smallest
+    """PCL-style filtering (docs/trace.md §7.2, arXiv 2510.01135): indices of the k prompts with the smallest
     |v − 0.5| (ties: earlier prompt), in pool order."""
     order = sorted(range(len(v)), key=lambda i: (abs(v[i] - 0.5), i))
     return sorted(order[:k])

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +31,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from tracerl import seeding
 from tracerl.credit.attention import AttentionTap, check_supported, default_layers, num_layers
 from tracerl.credit.flow import Flow, throughput
 from tracerl.credit.regions import Regions, trajectory_regions
 from tracerl.credit.weights import CREDIT
+from tracerl.rundir import atomic_write_text
 
 
 @dataclass
@@ -88,7 +89,7 @@ class CreditStep:
         self.pending = set(self.todo) if credit.needs_flow else set()
         self.scores: dict[int, Tensor] = {}
         self.flow_z: dict[int, float] = {}
-        self.generator = torch.Generator().manual_seed((credit.seed * 1_000_003 + step * 7919 + 4242) % (2**63))
+        self.generator = seeding.generator(credit.seed, step, "credit")
         if not credit.needs_flow:
             for i in self.todo:
                 self._weigh(i, torch.zeros(len(self.trajs[i].token_ids)))
@@ -181,7 +182,7 @@ class CreditStep:
         """A few weighted rows (fixed-seed pick) for the report: response tokens, throughput, weights."""
         scored = [i for i in self.todo if i in self.scores or not self.credit.needs_flow]
         k = min(self.cfg.log_samples, len(scored))
-        pick = sorted(random.Random(self.credit.seed * 7919 + self.step).sample(scored, k))
+        pick = sorted(seeding.rng(self.credit.seed, self.step, "credit_samples").sample(scored, k))
         return [sample_record(self.credit.tokenizer, self.trajs[i], self.adv[i], self.weights[i], self.regions[i],
                               self.scores.get(i), self.step) for i in pick]
 
@@ -222,8 +223,6 @@ class CreditHook:
 
 def write_samples(records: list[dict], path: str | Path) -> None:
     """One sampled row per line (RUN_DIR/credit/step_XXXXXX.jsonl), written atomically."""
-    from tracerl.rundir import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 

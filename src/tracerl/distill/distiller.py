@@ -28,7 +28,7 @@ from tracerl.tree import Leaf
 
 
 def schedule_lengths(cfg: Config) -> tuple[int, int, int]:
-    """(warm-up, hold, anneal) steps; None fields take the spec's 10% / 40% of trainer.steps."""
+    """(warm-up, hold, anneal) steps; None fields take the defaults of docs/distillation.md §7 (10% / 40% of trainer.steps)."""
     d, S = cfg.distill, cfg.trainer.steps
     warm = d.warmup_steps if d.warmup_steps is not None else round(0.1 * S)
     anneal = d.anneal_steps if d.anneal_steps is not None else round(0.4 * S)

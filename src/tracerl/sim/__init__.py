@@ -3,7 +3,7 @@
     tracerl sim --allocator all --difficulty beta:2,5 --predictor-noise 0.5 --seeds 3 --json alloc.epsilon=0
 
 Prompts have a known success probability at every prefix (world.py). The allocators of
-`tracerl.allocate` (METHODS.md §2–4) run unchanged, with the training config's rollout / alloc
+`tracerl.allocate` (docs/trace.md; the simulator: §11) run unchanged, with the training config's rollout / alloc
 options, on a simulated engine and predictor (engine.py) that implement the interfaces they use in
 training (`tracerl.allocate.engine`); run.py measures the contrast each one buys (effective ratio, mixed
 anchors, expected and realised contrast).

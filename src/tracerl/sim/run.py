@@ -8,7 +8,7 @@ and refills. Options are the training config's, as dotted overrides (`rollout.gr
 `alloc.epsilon=0.1`, ...), on top of the simulator's defaults (`SIM_DEFAULTS`; the token budget
 defaults to G chains per prompt in expectation, `default_token_budget`).
 
-Per batch (METHODS.md §1), over every tree the engine planted (DAPO's dropped groups too); a prompt's
+Per batch (docs/cost.md §8, §10), over every tree the engine planted (DAPO's dropped groups too); a prompt's
 root is one anchor pooling the leaves of all its trees (Tree-GRPO's M trees, TRACE's one tree per bare
 rollout), every non-leaf turn node one more:
 * effective_ratio: prompts whose leaves hold a success and a failure / prompts with ≥ 1 leaf;
