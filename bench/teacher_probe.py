@@ -30,7 +30,7 @@ class _Noted(NotedEnv):
         self.level = level
 
     def user_prompt(self, task) -> str:
-        return f"{privileged_note(self.env.name, task, self.level)}\n{self.env.user_prompt(task)}"
+        return f"{privileged_note(self.env, task, self.level)}\n{self.env.user_prompt(task)}"
 
 
 def main() -> int:

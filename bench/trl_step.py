@@ -63,7 +63,10 @@ sys.path.insert(0, str(REPO / "bench"))
 MARK = "@@TRL_STEP "  # prefix of the worker's protocol lines on stdout (everything else is its own output)
 TRL_MISSING = ("trl is not installed: `.venv/bin/pip install -e '.[bench]'` "
                "(bench/trl_step.py compares against TRL's GRPOTrainer)")
-FRAMEWORKS = ("tracerl", "trl")
+# tracerl_packed: the same tracerl step with algo.dedup_prefix=true (each prompt's G chains packed as one
+# tree: the prompt runs once in the update); "tracerl" is the default layout (one row per completion)
+FRAMEWORKS = ("tracerl", "tracerl_packed", "trl")
+TRACERL = ("tracerl", "tracerl_packed")
 
 
 # ---------------------------------------------------------------- the shared model
@@ -151,6 +154,7 @@ def tracerl_worker(args) -> None:
         f"trainer.lr={args.lr}", "trainer.warmup_steps=0", "trainer.weight_decay=0.0", "trainer.grad_clip=1.0",
         "trainer.bf16=false", "trainer.eval_at_start=false", "trainer.progress=false", "trainer.tensorboard=false",
         "trainer.tree_log_every=0", "run.threads=1", f"run.seed={args.seed}", f"run.dir={run_dir}",
+        f"algo.dedup_prefix={'true' if args.worker == 'tracerl_packed' else 'false'}",
     ]
     cfg = load_config(None, overrides)
     tr = Trainer(cfg, overwrite=True, log=lambda *a, **k: None)
@@ -407,7 +411,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.worker:
-        (tracerl_worker if args.worker == "tracerl" else trl_worker)(args)
+        (tracerl_worker if args.worker in TRACERL else trl_worker)(args)
         return
     if "trl" in args.frameworks and importlib.util.find_spec("trl") is None:
         print(TRL_MISSING)
@@ -434,7 +438,7 @@ def main() -> None:
                     (warm if i < args.warmup else rows)[f].append(r)
                     order_log.append(f)
                     tag = "warm-up" if i < args.warmup else f"repeat {i - args.warmup + 1}"
-                    print(f"  {tag:9s} {f:8s} generation {r['gen_cpu']:7.2f}  update {r['update_cpu']:7.2f}  "
+                    print(f"  {tag:9s} {f:14s} generation {r['gen_cpu']:7.2f}  update {r['update_cpu']:7.2f}  "
                           f"total {r['total_cpu']:7.2f} CPU s  (wall {r['total_wall']:.2f} s, "
                           f"{r['gen_tokens'] / r['completions']:.1f} tok/completion)", flush=True)
         finally:
@@ -443,19 +447,20 @@ def main() -> None:
 
     med = {f: summarize(rows[f]) for f in args.frameworks}
     ratio = None
-    if set(FRAMEWORKS) <= set(args.frameworks):
-        ratio = {k: med["tracerl"][f"{k}_cpu_s"] / med["trl"][f"{k}_cpu_s"] for k in ("generation", "update", "total")}
+    if "trl" in med:
+        ratio = {f: {k: med[f][f"{k}_cpu_s"] / med["trl"][f"{k}_cpu_s"] for k in ("generation", "update", "total")}
+                 for f in TRACERL if f in med}
 
-    names = {"trl": "TRL GRPOTrainer", "tracerl": "tracerl Trainer"}
+    names = {"trl": "TRL GRPOTrainer", "tracerl": "tracerl (rows)", "tracerl_packed": "tracerl (packed)"}
     print(f"\nCPU seconds per step, median of {args.repeats} (1 torch thread; "
           f"{args.prompts} prompts x {args.group} completions, <= {args.max_new} new tokens, T={args.temperature})")
-    print(f"{'':18s} {'generation':>10s} {'update':>8s} {'total':>8s} {'gen tok/compl':>14s} {'prompt tok':>10s}")
-    for f in [f for f in ("trl", "tracerl") if f in med]:
+    print(f"{'':26s} {'generation':>10s} {'update':>8s} {'total':>8s} {'gen tok/compl':>14s} {'prompt tok':>10s}")
+    for f in [f for f in ("trl", *TRACERL) if f in med]:
         s = med[f]
-        print(f"{names[f]:18s} {s['generation_cpu_s']:10.2f} {s['update_cpu_s']:8.2f} {s['total_cpu_s']:8.2f} "
+        print(f"{names[f]:26s} {s['generation_cpu_s']:10.2f} {s['update_cpu_s']:8.2f} {s['total_cpu_s']:8.2f} "
               f"{s['gen_tokens_per_completion']:14.1f} {s['prompt_tokens_per_completion']:10.1f}")
-    if ratio:
-        print(f"{'tracerl / TRL':18s} {ratio['generation']:10.2f} {ratio['update']:8.2f} {ratio['total']:8.2f}")
+    for f, r in (ratio or {}).items():
+        print(f"{names[f] + ' / TRL':26s} {r['generation']:10.2f} {r['update']:8.2f} {r['total']:8.2f}")
 
     result = {
         "benchmark": "trl_step",

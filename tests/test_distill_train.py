@@ -33,7 +33,7 @@ def test_teacher_logprobs_align_with_direct_scoring_of_the_privileged_sequence(t
              for i, t in enumerate(tasks)]
     seqs = []
     for task, traj in zip(tasks, trajs):
-        note = privileged_note("multihop", task, "solution", "wrong_final")
+        note = privileged_note(small_env, task, "solution", "wrong_final")
         seq = teacher_sequence(tok, small_env, task, traj.token_ids, traj.prompt_len, note)
         head = tok.decode(seq.ids[: traj.prompt_len + seq.offset])
         assert task.answers[0] in head and "wrong final" in head and task.question in head

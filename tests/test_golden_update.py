@@ -4,10 +4,12 @@ final parameters, for every preset — chains, Tree-GRPO per leaf and packed, TR
 distillation, PPO epochs / mini-batches and the KL reference.
 
 Exact for rewards, advantages and generated tokens (same samples). Float reassociation is unavoidable
-for the rest: the loss is now summed over a compact leaf-major matrix (and, packed, after shared
-forwards), so gradient norms and final parameters are checked to 1e-6 relative, and the loss to 1e-6
-relative *to its scale* — it is a sum of positive and negative advantage terms that nearly cancel
-(e.g. -0.0108 from terms of size ~1), so its own relative error can exceed that of its parts.
+for the rest: the loss is now summed over a compact leaf-major matrix, the LM head runs at the scored
+positions for distillation too, and packed trees run other attention kernels than rows. So final
+parameters are checked to 1e-6 relative, and per-step losses and gradient norms to 1e-6 relative *to
+the run's scale* (the largest value of that quantity over the 5 steps): float32 reassociation error
+scales with the size of the summed terms, and a step whose groups nearly cancel (a loss of -2.7e-5, a
+gradient norm of 0.004 next to 0.87) would otherwise be held to a precision float32 does not have.
 
 Two presets change by design (tests/golden/update_golden.py, EXPECTED_TO_CHANGE): Dr.GRPO divides by
 the longest response instead of the padded sequence length (checked: the same samples, and the loss
@@ -32,23 +34,21 @@ def close(a: float, b: float, rel: float = REL, abs_: float = 1e-9) -> bool:
     return math.isclose(a, b, rel_tol=rel, abs_tol=abs_)
 
 
-LOSS_SCALE = 0.1  # policy terms are advantage-sized (|A| ~ 1) times ratios; 1e-6 of 0.1 bounds float noise
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [p for p in PRESETS if EXPECTED_TO_CHANGE.get(p, p) is not None
                                   and p != "tree_grpo_ppo2"])
 def test_preset_reproduces_golden(name, tmp_path):
     got, want = run_preset(name, tmp_path / name), GOLD[EXPECTED_TO_CHANGE.get(name, name)]
     live = [s["grad_norm"] > 0 for s in want["steps"]]
+    scale = {k: max(abs(s[k]) for s in want["steps"]) for k in ("loss", "grad_norm")}
     assert sum(live) >= 4, "the golden run must have a gradient at (nearly) every step"
     for i, (g, w) in enumerate(zip(got["steps"], want["steps"])):
         for k in ("reward", "gen_tokens", "leaves"):
             assert g[k] == w[k], f"{name} step {i + 1}: {k} {g[k]} != {w[k]}"
         for k in ("adv_sum", "adv_abs", "adv_sq", "adv_pos"):
             assert close(g[k], w[k], 1e-12), f"{name} step {i + 1}: {k} {g[k]} != {w[k]}"
-        assert close(g["grad_norm"], w["grad_norm"]), f"{name} step {i + 1}: grad_norm {g['grad_norm']!r} != {w['grad_norm']!r}"
-        assert close(g["loss"], w["loss"], abs_=REL * LOSS_SCALE), f"{name} step {i + 1}: loss {g['loss']!r} != {w['loss']!r}"
+        for k in ("loss", "grad_norm"):
+            assert close(g[k], w[k], abs_=REL * scale[k]), f"{name} step {i + 1}: {k} {g[k]!r} != {w[k]!r}"
     assert close(got["param_sum"], want["param_sum"]) and close(got["param_abs"], want["param_abs"])
 
 

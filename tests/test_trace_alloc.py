@@ -150,7 +150,7 @@ def test_budgeted_allocators_charge_what_they_generate(tiny_policy, small_env, w
     predictor = SuccessPredictor(PredictorConfig(warmup=0 if warm else 5, hidden=8), tiny_policy.model.config.hidden_size,
                                  small_env.max_turns)
     for name in ("dapo", "pcl", "knapsack", "trace"):
-        uses = getattr(ALLOCATORS.get(name), "uses_predictor", False)
+        uses = ALLOCATORS.trait(name, "uses_predictor")
         ctx = _ctx(tiny_policy, small_env, pool, name, predictor if uses else None, {tasks[0].id: 1.0})
         trees = ALLOCATORS.get(name)(ctx, tasks)
         c = ctx.engine.cost
@@ -231,12 +231,18 @@ def test_stage2_rounds_skip_mixed_prefixes_and_restart_agreeing_prompts_from_the
 
 def test_trace_config_is_validated_and_the_shipped_preset_loads():
     from tracerl.config import ConfigError, load_config, pool_size
+    from tracerl.methods import check_methods
 
+    assert ALLOCATORS.trait("trace", "uses_predictor") and ALLOCATORS.trait("trace", "makes_trees")
+    assert ALLOCATORS.trait("trace", "check") is not None
+    # the allocator's own check (its `check` trait), run by check_methods (Trainer.setup calls it)
     with pytest.raises(ConfigError, match="cannot be split over a pool of 2"):
-        load_config(None, ["rollout.allocator=trace", "rollout.prompts_per_step=2", "alloc.pool_factor=1",
-                           "alloc.cap_root=2"])
-    with pytest.raises(ConfigError, match="needs tree rollouts"):
-        load_config(None, ["rollout.allocator=knapsack", "algo.advantage=tree_grpo"])
+        check_methods(load_config(None, ["rollout.allocator=trace", "rollout.prompts_per_step=2",
+                                         "alloc.pool_factor=1", "alloc.cap_root=2"]))
+    with pytest.raises(ConfigError, match="algo.advantage=tree_grpo needs tree rollouts; set rollout.allocator to one "
+                                          "of .*trace"):
+        check_methods(load_config(None, ["rollout.allocator=knapsack", "algo.advantage=tree_grpo"]))
+    check_methods(load_config(None, ["rollout.allocator=trace", "algo.advantage=tree_grpo"]))
     with pytest.raises(ConfigError, match="alloc.epsilon"):
         load_config(None, ["alloc.epsilon=2"])
     cfg = load_config("configs/trace.yaml")

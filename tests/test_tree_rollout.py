@@ -11,7 +11,9 @@ from tracerl.allocate import ALLOCATORS, AllocationContext, check_tree_shape, ma
 from tracerl.backends.hf import SamplingParams
 from tracerl.config import ConfigError, RolloutConfig, load_config
 from tracerl.errors import OptionError
+from tracerl.methods import check_methods
 from tracerl.rollout import RolloutEngine, encode_prompt, leaf_trajectories, restore
+from tracerl.train import Trainer
 
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0)
 SAMPLE = SamplingParams(max_new_tokens=16, temperature=1.0)
@@ -125,12 +127,17 @@ def test_token_budget_spends_each_prompts_budget(tiny_policy, small_env):
             assert spent >= 150 or n_leaves >= 1 + cfg.max_budget_waves, (cfg.allocator, spent)
 
 
-def test_tree_shape_validation_and_matching():
+def test_tree_shape_validation_and_matching(tmp_path):
     with pytest.raises(ConfigError, match=r"leaves_per_tree \(K\) = 4 exceeds 1 \+ N·L = 3"):
         load_config(None, ["rollout.allocator=tree_grpo", "rollout.expansions=2", "rollout.rounds=1",
                            "rollout.leaves_per_tree=4"])
+    # which estimators need trees is a registry trait, checked by check_methods (Trainer.setup's first step)
+    cfg = load_config(None, ["algo.advantage=tree_grpo", f"run.dir={tmp_path / 'run'}"])  # chains (rollout.allocator=uniform)
+    with pytest.raises(ConfigError, match="algo.advantage=tree_grpo needs tree rollouts; set rollout.allocator to one of"):
+        check_methods(cfg)
     with pytest.raises(ConfigError, match="needs tree rollouts"):
-        load_config(None, ["algo.advantage=tree_grpo"])
+        Trainer(cfg, log=lambda *_: None).setup()
+    check_methods(load_config(None, ["algo.advantage=tree_grpo", "rollout.allocator=tree_grpo"]))
     with pytest.raises(OptionError, match="between 1 and"):
         check_tree_shape(2, 2, 1, 0)
     load_config(None, ["rollout.allocator=tree_grpo", "algo.advantage=treepo", "rollout.leaves_per_tree=3"])

@@ -110,9 +110,9 @@ class TokenBatch:
     weights: Tensor | None = None  # (N, n_max) token weights (credit), 1 without
 
     def set_weights(self, leaf: int, w: Tensor) -> None:
-        """Token weights of one leaf, over its whole sequence (N_ℓ,) or its sampled tokens (n_ℓ,)."""
+        """Token weights of one leaf over its whole sequence (N_ℓ,); its sampled tokens' weights are kept."""
         pos = self.sampled_pos[leaf]
-        w = w[pos] if w.numel() != pos.numel() else w
+        w = w[pos]
         if self.weights is None:
             self.weights = torch.ones_like(self.coef)
         self.weights[leaf, : pos.numel()] = w.to(self.weights)
@@ -193,7 +193,9 @@ class MicroBatch:
         ps = [batch.packs[k] for k in packs]
         S = max(len(p) for p in ps)
         ids = torch.full((len(ps), S), pad_id, dtype=torch.long)
-        pos = torch.zeros((len(ps), S), dtype=torch.long)
+        # padding continues each row's positions: a position that restarts reads as a second sequence
+        # packed into the row (transformers then builds a block mask instead of the fused causal kernel)
+        pos = torch.arange(S, dtype=torch.long).repeat(len(ps), 1)
         mask = None
         if any(p.allowed is not None for p in ps):
             mask = torch.eye(S, dtype=torch.bool).repeat(len(ps), 1, 1)  # padding queries see themselves

@@ -37,7 +37,7 @@ SFT_VERSION = 1  # bump when the recipe changes so old caches are not reused
 class NoteDemos(Protocol):
     """The private notes of the sft.teacher_share demos (`tracerl.distill.teacher.TeacherNoteDemos`)."""
 
-    def draw(self, env_name: str, task: Task, rng: random.Random) -> str:
+    def draw(self, env: Environment, task: Task, rng: random.Random) -> str:
         """A note for one demo of `task`, drawn with the demos' `rng`."""
 
     def show(self, env: Environment, note: str) -> Environment:
@@ -107,7 +107,7 @@ def _demos(env: Environment, cfg: Config, notes: NoteDemos | None = None) -> lis
     for _ in range(cfg.sft.demos):
         task = rng.choice(tasks)
         if cfg.sft.teacher_share and rng.random() < cfg.sft.teacher_share:
-            note = notes.draw(env.name, task, rng)
+            note = notes.draw(env, task, rng)
             out.append((task, env.oracle_turns(task, rng, {**noise, "wrong_answer": 0.0}), note))
         else:
             out.append((task, env.oracle_turns(task, rng, noise), None))

@@ -177,7 +177,7 @@ class Distiller:
         for i, t in enumerate(trajs):
             if (fkl_mask[i].sum() + rkl_mask[i].sum()) == 0:
                 continue
-            note = privileged_note(self.env.name, t.task, d.teacher_context, diags[i] if d.teacher_diagnosis else None)
+            note = privileged_note(self.env, t.task, d.teacher_context, diags[i] if d.teacher_diagnosis else None)
             seq = teacher_sequence(self.tokenizer, self.env, t.task, t.token_ids, t.prompt_len, note,
                                    self.full.model.chat_template)
             if len(seq.ids) > self.max_teacher_len:  # no room for the note: this row keeps the PG term only

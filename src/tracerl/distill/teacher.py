@@ -11,55 +11,20 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
 from tracerl.distill.annotate import ERROR_LABELS, KEY_LABELS
 from tracerl.envs.base import Environment, Task
-from tracerl.registry import Registry
 from tracerl.rollout import encode_prompt
 
-SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
-
-# env name -> (task, level) -> the reference part of the note; level "answer" or "solution"
-TEACHER_CONTEXTS: Registry[Callable[[Task, str], str]] = Registry("teacher context")
-
-
-def _answer(task: Task) -> str:
-    return f"The correct answer is {task.answers[0]}."
-
-
-@TEACHER_CONTEXTS.register("default")
-def default_context(task: Task, level: str) -> str:
-    """Any environment: the gold answer."""
-    return _answer(task)
-
-
-@TEACHER_CONTEXTS.register("multihop")
-def multihop_context(task: Task, level: str) -> str:
-    """The gold answer; with level "solution" also the entities to look up in order."""
-    chain = task.meta.get("chain", [])
-    if level == "solution" and chain:
-        return f"{_answer(task)} Look up, in order: {', '.join(chain)}."
-    return _answer(task)
-
-
-@TEACHER_CONTEXTS.register("arith")
-def arith_context(task: Task, level: str) -> str:
-    """The gold answer; with level "solution" also the worked steps."""
-    steps = task.meta.get("steps", [])
-    if level == "solution" and steps:
-        work = " ".join(f"{a} {SYMBOL.get(op, op)} {b} = {r}." for a, op, b, r in steps)
-        return f"{_answer(task)} Solution: {work}"
-    return _answer(task)
-
-
-def privileged_note(env_name: str, task: Task, level: str = "solution", diag_type: str | None = None) -> str:
-    """The note placed ahead of the prompt: reference context, then the diagnosis (never span text)."""
-    fn = TEACHER_CONTEXTS.get(env_name) if env_name in TEACHER_CONTEXTS else default_context
-    note = f"Private reference (not shown to the solver). {fn(task, level)}"
+def privileged_note(env: Environment, task: Task, level: str = "solution", diag_type: str | None = None) -> str:
+    """The note placed ahead of the prompt: the gold answer — with level "solution" also the environment's
+    `reference_solution` — then the diagnosis (never span text)."""
+    reference = f"The correct answer is {task.answers[0]}."
+    solution = env.reference_solution(task) if level == "solution" else None
+    note = f"Private reference (not shown to the solver). {reference}" + (f" {solution}" if solution else "")
     if diag_type:
         note += f" Assessment of this attempt: {diag_type.replace('_', ' ')}."
     return note
@@ -86,10 +51,10 @@ class TeacherNoteDemos:
     use it and can later serve as its own privileged teacher. `tracerl.setup` hands it to the SFT recipe
     (as its `tracerl.sft.NoteDemos`)."""
 
-    def draw(self, env_name: str, task: Task, rng: random.Random) -> str:
+    def draw(self, env: Environment, task: Task, rng: random.Random) -> str:
         """The reference at either level, and an assessment label of either outcome or none."""
         label = rng.choice([None, "success", "failure", *KEY_LABELS, *ERROR_LABELS])
-        return privileged_note(env_name, task, rng.choice(["solution", "answer"]), label)
+        return privileged_note(env, task, rng.choice(["solution", "answer"]), label)
 
     def show(self, env: Environment, note: str) -> Environment:
         return NotedEnv(env, note)

@@ -164,6 +164,13 @@ class ArithmeticEnv:
                 "action": entry["action"], "truncated": False}
         return new, StepResult(None, True, reward, info)
 
+    def reference_solution(self, task: Task) -> str | None:
+        """The worked steps."""
+        steps = task.meta.get("steps", [])
+        if not steps:
+            return None
+        return "Solution: " + " ".join(f"{a} {SYMBOL.get(op, op)} {b} = {r}." for a, op, b, r in steps)
+
     def oracle_turns(self, task: Task, rng: random.Random, noise: dict[str, float] | None = None) -> list[str]:
         """One turn that works through the steps; noise["wrong_answer"] makes the last step wrong."""
         noise = noise or {}

@@ -60,3 +60,6 @@ class Environment(Protocol):
 
     def oracle_turns(self, task: Task, rng: "random.Random", noise: dict[str, float]) -> list[str]:
         """Model-turn texts of a (possibly noisy) demonstration that solves `task`, for SFT warm starts."""
+
+    def reference_solution(self, task: Task) -> str | None:
+        """How to solve `task`, one sentence for a privileged teacher's note (None: the answer alone)."""

@@ -166,6 +166,11 @@ class MultiHopEnv:
 
     # -- demonstrations -----------------------------------------------------------------------
 
+    def reference_solution(self, task: Task) -> str | None:
+        """The entities to look up, in order."""
+        chain = task.meta.get("chain", [])
+        return f"Look up, in order: {', '.join(chain)}." if chain else None
+
     def oracle_turns(self, task: Task, rng: random.Random, noise: dict[str, float] | None = None) -> list[str]:
         """A demonstration: one search per bridge entity, then the answer (optionally noisy).
 

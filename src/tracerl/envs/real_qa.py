@@ -146,6 +146,10 @@ class RealQAEnv:
         """None: the short instruction goes in the user message."""
         return None
 
+    def reference_solution(self, task: Task) -> str | None:
+        """None: the teacher's note holds the gold answer only (no worked steps for real questions)."""
+        return None
+
     def user_prompt(self, task: Task) -> str:
         """The instruction followed by the question."""
         return f"{INSTRUCTION}\nQuestion: {task.question}"
