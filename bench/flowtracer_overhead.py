@@ -223,7 +223,7 @@ def main() -> None:
     credit_attention.time = credit_tracer.time = _CpuClock
     env = make_env("multihop", seed=0, max_turns=24, top_k=2)
     rng = random.Random(0)
-    demos = [(t, env.oracle_turns(t, rng, {})) for t in env.tasks("train")[:300]]
+    demos = [(t, env.oracle_turns(t, rng, {}), None) for t in env.tasks("train")[:300]]  # (task, turns, note)
     tok = train_tokenizer(_corpus(env, demos), vocab_size=2048)
     trajs = build_trajectories(env, tok, args.rows, args.tokens, args.seed)
     results = [bench_model(m, tok, trajs, args) for m in args.models]

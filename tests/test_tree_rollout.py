@@ -137,6 +137,7 @@ def test_tree_shape_validation_and_matching(tmp_path):
         check_methods(cfg)
     with pytest.raises(ConfigError, match="needs tree rollouts"):
         Trainer(cfg, log=lambda *_: None).setup()
+    assert not (tmp_path / "run").exists()  # refused before anything is built
     check_methods(load_config(None, ["algo.advantage=tree_grpo", "rollout.allocator=tree_grpo"]))
     with pytest.raises(OptionError, match="between 1 and"):
         check_tree_shape(2, 2, 1, 0)
