@@ -134,7 +134,7 @@ def objective(model, mb: MicroBatch, spec: LossSpec, den: Denominators, *, old_l
     policy = policy_term(logp, old, mb.rows(b.coef).to(logp), pg_mask, spec, den, stats)
     kl = kl_term(logp, mb.to_leaves(ref_logp.to(logp.device)), mask, spec, den, stats) if ref_logp is not None else 0.0
     ent = entropy_term(mb.to_leaves(s.entropy), mask, spec, den, stats) if s.entropy is not None else 0.0
-    dist = distill.loss(model, mb, mb.to_leaves(s.logits), den_leaves or mb.leaves, stats) if distill else 0.0
+    dist = distill.loss(model, mb, mb.to_leaves(s.logits), den_leaves or mb.leaves, stats) if distill is not None else 0.0
     loss = policy + spec.kl_coef * kl - spec.entropy_coef * ent + dist
     drift = ((logp.detach() - mb.rows(b.sample_logp).to(logp)).abs() * mask).sum() / mask.sum().clamp(min=1)
     stats["logp_drift"] = [drift.item()]

@@ -9,7 +9,7 @@
 The attention maps come from the forward the update runs anyway (`tap`), taken before any optimizer
 step of the batch, so they are π_old's; the only extra work is recomputing the chosen layers'
 attention probabilities and solving the flow. Each leaf's map is read over its own tokens
-(`tap_packed`), so rows and packed trees give the same weights. `cs.compute()` instead runs a separate
+(`tap` gathers them from the row), so rows and packed trees give the same weights. `cs.compute()` instead runs a separate
 no-grad forward (stopped after the last chosen layer), `batch_size` rows at a time.
 
 Rows with A = 0 (and, with `nonneg_only`, A < 0), rows longer than `max_len` and rows whose flow is
