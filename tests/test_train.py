@@ -30,6 +30,7 @@ def _cli(*args, cwd=None):
                           cwd=cwd, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_train_eval_report(tmp_path):
     run = tmp_path / "run"
     p = _cli("train", *TINY_RUN, f"run.dir={run}")

@@ -27,6 +27,7 @@ from typing import Iterable, Literal
 import torch
 from torch import Tensor
 
+from tracerl.padding import right_pad
 from tracerl.tree import Leaf, RolloutTree
 
 Layout = Literal["rows", "trees"]
@@ -192,7 +193,7 @@ class MicroBatch:
     def build(cls, batch: TokenBatch, packs: list[int], pad_id: int) -> "MicroBatch":
         ps = [batch.packs[k] for k in packs]
         S = max(len(p) for p in ps)
-        ids = torch.full((len(ps), S), pad_id, dtype=torch.long)
+        ids = right_pad([p.input_ids for p in ps], pad_id)
         # padding continues each row's positions: a position that restarts reads as a second sequence
         # packed into the row (transformers then builds a block mask instead of the fused causal kernel)
         pos = torch.arange(S, dtype=torch.long).repeat(len(ps), 1)
@@ -204,7 +205,7 @@ class MicroBatch:
         n_max = batch.mask.shape[1]
         for r, p in enumerate(ps):
             n = len(p)
-            ids[r, :n], pos[r, :n] = p.input_ids, p.position_ids
+            pos[r, :n] = p.position_ids
             if mask is not None:
                 mask[r, :n, :n] = p.allowed if p.allowed is not None else torch.ones(n, n, dtype=torch.bool).tril()
             src.append(p.src + r * S)

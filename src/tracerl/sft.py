@@ -29,6 +29,7 @@ from tracerl.envs.base import Environment, Task
 from tracerl.errors import DataError
 from tracerl.models.io import atomic_save_pretrained, cache_dir, file_lock, load_policy
 from tracerl.models.tiny import build_tiny_model, train_tokenizer
+from tracerl.padding import right_pad
 from tracerl.rollout import replay_turns
 
 SFT_VERSION = 1  # bump when the recipe changes so old caches are not reused
@@ -135,13 +136,7 @@ def _batches(rows, batch_size: int, steps: int, seed: int):
 
 def _collate(rows, pad_id: int):
     """Right-padded ids (B, L) and loss mask (B, L); right padding needs no attention mask."""
-    L = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros((len(rows), L), dtype=torch.float32)
-    for i, (tok, lm) in enumerate(rows):
-        ids[i, : len(tok)] = torch.tensor(tok)
-        loss_mask[i, : len(tok)] = torch.tensor(lm, dtype=torch.float32)
-    return ids, loss_mask
+    return right_pad([ids for ids, _ in rows], pad_id), right_pad([lm for _, lm in rows], 0.0, torch.float32)
 
 
 def run_sft(cfg: Config, inputs: SFTInputs, force: bool = False, log=print) -> Path:

@@ -36,6 +36,7 @@ from tracerl.credit.attention import AttentionTap, check_supported, default_laye
 from tracerl.credit.flow import Flow, throughput
 from tracerl.credit.regions import Regions, trajectory_regions
 from tracerl.credit.weights import CREDIT
+from tracerl.padding import right_pad
 from tracerl.rundir import atomic_write_text
 
 
@@ -150,9 +151,7 @@ class CreditStep:
         for b0 in range(0, len(order), self.cfg.batch_size):
             t0 = time.perf_counter()
             batch = order[b0:b0 + self.cfg.batch_size]
-            ids = torch.full((len(batch), len(self.trajs[batch[0]].token_ids)), pad, dtype=torch.long)
-            for j, i in enumerate(batch):
-                ids[j, :len(self.trajs[i].token_ids)] = torch.tensor(self.trajs[i].token_ids)
+            ids = right_pad([self.trajs[i].token_ids for i in batch], pad)
             maps = AttentionTap(model, self.credit.layers, self.cfg.chunk_rows, stop_after_last=True).run(ids.to(device))
             for j, i in enumerate(batch):
                 n = len(self.trajs[i].token_ids)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from tracerl.distill.annotate import ERROR_LABELS, KEY_LABELS
 from tracerl.envs.base import Environment, Task
+from tracerl.padding import right_pad
 from tracerl.rollout import encode_prompt
 
 def privileged_note(env: Environment, task: Task, level: str = "solution", diag_type: str | None = None) -> str:
@@ -84,10 +85,7 @@ def teacher_logprobs(model, seqs: list[TeacherSequence], length: int, *, pad_id:
     teacher's distribution for the student's token `t + 1`, for every response target
     `prompt_len_r − 1 ≤ t < student_len_r − 1`; other positions (prompt, padding) hold the uniform
     distribution and must not be routed. Right padding needs no attention mask (causal model)."""
-    S = max(len(s.ids) for s in seqs)
-    ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, :len(s.ids)] = torch.tensor(s.ids, dtype=torch.long)
+    ids = right_pad([s.ids for s in seqs], pad_id)
     dev = torch.device(device)
     was_training = model.training
     model.eval()
