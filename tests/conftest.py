@@ -25,6 +25,20 @@ TINY_RUN = [
 ]
 
 
+def with_random_advantages(trees, seed: int = 0):
+    """[(tree, {leaf: A})] with a random advantage per leaf, drawn in `tree_leaves` order."""
+    import torch
+
+    from tracerl.tree import tree_leaves
+
+    leaves = tree_leaves(trees)
+    adv = torch.randn(len(leaves), generator=torch.Generator().manual_seed(seed)).tolist()
+    out = [(t, {}) for t in trees]
+    for lf, a in zip(leaves, adv):
+        out[trees.index(lf.tree)][1][lf.node] = a
+    return out
+
+
 @pytest.fixture(scope="session")
 def small_env():
     from tracerl.envs import make_env

@@ -10,15 +10,14 @@ import random
 import pytest
 import torch
 
-from conftest import TINY_RUN
+from conftest import TINY_RUN, with_random_advantages as _with_adv
 from tracerl.config import load_config
 from tracerl.report.credit import credit_section
 from tracerl.report.html import write_report
 from tracerl.packing import build_batch
 from tracerl.rollout import RolloutCost, encode_prompt, replay_turns, turn_records
 from tracerl.train import Trainer
-from tracerl.tree import RolloutTree, tree_leaves
-
+from tracerl.tree import RolloutTree
 
 
 def oracle_trees(env, tok, tasks) -> list[RolloutTree]:
@@ -55,16 +54,6 @@ def _expected_loss(leaves, adv, weights):
     num = sum(a * float(w[torch.tensor(t.loss_mask, dtype=torch.bool)].sum())
               for t, a, w in zip(leaves, adv.tolist(), weights))
     return -num / sum(sum(t.loss_mask) for t in leaves)
-
-
-def _with_adv(trees, seed):
-    """[(tree, {leaf: A})] with a random advantage per leaf, drawn in `tree_leaves` order."""
-    leaves = tree_leaves(trees)
-    adv = torch.randn(len(leaves), generator=torch.Generator().manual_seed(seed)).tolist()
-    out = [(t, {}) for t in trees]
-    for lf, a in zip(leaves, adv):
-        out[trees.index(lf.tree)][1][lf.node] = a
-    return out
 
 
 def test_weights_multiply_the_advantages_in_both_layouts(trainer):

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from conftest import with_random_advantages as _with_adv
 from tracerl.algos.losses import ppo_clip
 from tracerl.allocate import ALLOCATORS, AllocationContext
 from tracerl.backends.hf import SamplingParams
@@ -15,7 +16,6 @@ from tracerl.config import RolloutConfig
 from tracerl.objective import LossSpec, forward_scores
 from tracerl.packing import build_batch
 from tracerl.rollout import RolloutEngine
-from tracerl.tree import tree_leaves
 
 
 def _trees(policy, env):
@@ -25,16 +25,6 @@ def _trees(policy, env):
     for t in trees:
         t.update_stats()
     return trees
-
-
-def _with_adv(trees, seed=0):
-    """[(tree, {leaf: A})] with a random advantage per leaf, drawn in `tree_leaves` order."""
-    leaves = tree_leaves(trees)
-    adv = torch.randn(len(leaves), generator=torch.Generator().manual_seed(seed)).tolist()
-    out = [(t, {}) for t in trees]
-    for lf, a in zip(leaves, adv):
-        out[trees.index(lf.tree)][1][lf.node] = a
-    return out
 
 
 def _own_row_logprobs(model, leaf):

@@ -5,21 +5,10 @@ import copy
 import pytest
 import torch
 
-from conftest import TINY_RUN
+from conftest import TINY_RUN, with_random_advantages as _with_adv
 from tracerl.config import load_config
 from tracerl.packing import build_batch
 from tracerl.train import Trainer
-from tracerl.tree import tree_leaves
-
-
-def _with_adv(trees, seed):
-    """[(tree, {leaf: A})] with a random advantage per leaf, drawn in `tree_leaves` order."""
-    leaves = tree_leaves(trees)
-    adv = torch.randn(len(leaves), generator=torch.Generator().manual_seed(seed)).tolist()
-    out = [(t, {}) for t in trees]
-    for lf, a in zip(leaves, adv):
-        out[trees.index(lf.tree)][1][lf.node] = a
-    return out
 
 
 @pytest.mark.parametrize("layout", ["rows", "trees"])
