@@ -160,5 +160,6 @@ def test_head_at_scored_positions_equals_full_logits(tiny_policy, small_env):
         spec = LossSpec(head_at_positions=fast, entropy_coef=0.01)
         out[fast] = _loss_and_grad(model, batch, spec)
     assert out[True][0] == pytest.approx(out[False][0], rel=1e-6)
+    assert max(float(g.abs().max()) for g in out[False][1].values()) > 0  # a gradient to compare
     for k in out[False][1]:
         torch.testing.assert_close(out[True][1][k], out[False][1][k], atol=1e-6, rtol=1e-4)

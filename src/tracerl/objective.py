@@ -88,8 +88,18 @@ class DistillTerm(Protocol):
              stats: dict[str, list[float]]) -> Tensor: ...
 
 
-def forward_scores(model, mb: MicroBatch, spec: LossSpec, want_logits: bool = False) -> Scores:
-    """Log-probs (and, if asked, logits / entropy) of the micro-batch's scored tokens under `model`."""
+def forward_scores(model, mb: MicroBatch, spec: LossSpec, want_logits: bool = False,
+                   hook: ForwardHook | None = None) -> Scores:
+    """Log-probs (and, if asked, logits / entropy) of the micro-batch's scored tokens under `model`.
+    `hook` runs around and after the forward (token credit reads its attention there)."""
+    with hook.around(mb) if hook is not None else contextlib.nullcontext():
+        s = _forward(model, mb, spec, want_logits)
+    if hook is not None:
+        hook.after(mb)
+    return s
+
+
+def _forward(model, mb: MicroBatch, spec: LossSpec, want_logits: bool) -> Scores:
     dev = next(model.parameters()).device
     ids, pos = mb.input_ids.to(dev), mb.position_ids.to(dev)
     mask = mb.attention_mask.to(dev) if mb.attention_mask is not None else None
@@ -108,9 +118,9 @@ def forward_scores(model, mb: MicroBatch, spec: LossSpec, want_logits: bool = Fa
 
 
 @torch.no_grad()
-def score_only(model, mb: MicroBatch, spec: LossSpec) -> Tensor:
+def score_only(model, mb: MicroBatch, spec: LossSpec, hook: ForwardHook | None = None) -> Tensor:
     """log π(token) (T,) of the scored tokens, no gradient (π_old, the reference model)."""
-    return forward_scores(model, mb, spec).logp
+    return forward_scores(model, mb, spec, hook=hook).logp
 
 
 def objective(model, mb: MicroBatch, spec: LossSpec, den: Denominators, *, old_logp: Tensor | None = None,
@@ -121,10 +131,7 @@ def objective(model, mb: MicroBatch, spec: LossSpec, den: Denominators, *, old_l
     old_logp / ref_logp: π_old and reference log-probs of the scored tokens (T,) (None: π_old is the
     current policy, detached; no KL term). `den_leaves`: the mini-batch's leaves (distillation's
     denominators). `hook` runs around and after the forward (token weights are read there)."""
-    with hook.around(mb) if hook is not None else contextlib.nullcontext():
-        s = forward_scores(model, mb, spec, want_logits=distill is not None)
-    if hook is not None:
-        hook.after(mb)
+    s = forward_scores(model, mb, spec, want_logits=distill is not None, hook=hook)
     stats: dict[str, list[float]] = {}
     b = mb.batch
     mask = mb.rows(b.mask).to(s.logp.device)

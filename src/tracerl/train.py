@@ -14,7 +14,6 @@ Life cycle (torchtune-style): setup -> train -> save. One step:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -240,11 +239,7 @@ class Trainer:
         out: dict[int, torch.Tensor] = {}
         all_packs = list(range(len(batch.packs)))
         for group in batch.micro_batches(all_packs, self.cfg.trainer.micro_batch_size):
-            mb = batch.micro(group, self.policy.pad_id)
-            with hook.around(mb) if hook is not None else contextlib.nullcontext():
-                logp = score_only(model, mb, self.spec)
-            if hook is not None:
-                hook.after(mb)
+            logp = score_only(model, batch.micro(group, self.policy.pad_id), self.spec, hook)
             out.update(split_by_pack(batch, group, logp))
         return out
 
