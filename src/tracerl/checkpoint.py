@@ -23,7 +23,11 @@ STATE_FILE = "trainer_state.json"
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
+    return state_tensors(opt.state_dict())
+
+
+def state_tensors(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer state dict (torch's layout) as safetensors tensors + JSON-able metadata."""
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
         for name, v in st.items():
@@ -35,6 +39,11 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
 
 
 def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    opt.load_state_dict(tensors_state(tensors, meta))
+
+
+def tensors_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `state_tensors`."""
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
         idx, name = key.split(".", 1)
@@ -42,7 +51,7 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
     for key, v in meta["scalars"].items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def rng_state() -> dict[str, Any]:
@@ -63,13 +72,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, optimizer, state: dict[str, Any], keep: int = 2,
                     extra: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoints/step_XXXXXX atomically and prune old ones; returns the final path.
+    `optimizer` is an optimizer or its state dict in torch's layout (a distributed run gathers it);
     `extra(dir)` writes further files into the checkpoint before it is renamed into place."""
     final = ckpt_root / step_name(step)
     try:
         with atomic_dir(final) as tmp:
             model.save_pretrained(tmp / CHECKPOINT_MODEL_DIR)  # safetensors
             tokenizer.save_pretrained(tmp / CHECKPOINT_MODEL_DIR)
-            tensors, meta = optimizer_tensors(optimizer)
+            tensors, meta = state_tensors(optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             (tmp / "optimizer.json").write_text(json.dumps(meta))
             if extra is not None:
@@ -97,10 +107,11 @@ def read_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {ckpt} has no readable {STATE_FILE}: {e}") from None
 
 
-def load_optimizer(ckpt: Path, optimizer) -> None:
+def read_optimizer(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's optimizer state dict, in torch's layout."""
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     meta = json.loads((ckpt / "optimizer.json").read_text())
-    load_optimizer_tensors(optimizer, tensors, meta)
+    return tensors_state(tensors, meta)
 
 
 def save_tensors(directory: Path, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

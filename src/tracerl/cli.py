@@ -49,7 +49,9 @@ def cmd_train(args) -> int:
             print(f"{key:34s} {default:>16s}  {doc}")
         return 0
     run_dir, result = train(None if args.resume else _config_path(args.config), args.overrides,
-                            resume=args.resume, overwrite=args.overwrite)
+                            resume=args.resume, overwrite=args.overwrite, auto_resume=args.auto_resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports
+        return 0
     print(f"run directory: {run_dir}")
     print("final validation: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, (int, float))))
     return 0
@@ -249,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML config (default: the embedded quickstart config)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.add_argument("--auto-resume", action="store_true",
+                   help="resume the config's run directory from its last complete checkpoint if it has one, else "
+                        "start it (for torchrun --max-restarts)")
     t.add_argument("--help-config", action="store_true", help="list every config key with its default and doc")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=1e-5")
     t.set_defaults(fn=cmd_train)
@@ -339,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     except TracerlError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        print(f"error{f' (rank {rank})' if rank is not None else ''}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last complete checkpoint is kept", file=sys.stderr)

@@ -32,6 +32,7 @@ class RunConfig(Section):
     seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
     device: str = Field("cpu", description="Torch device: cpu, cuda, cuda:1, ...")
     threads: int | None = Field(None, description="torch intra-op threads (None: torch default).")
+    dist_timeout_s: float = Field(600.0, gt=0, description="torchrun: seconds a collective waits for the other ranks before the run stops with an error naming it.")
 
 
 class EnvConfig(Section):

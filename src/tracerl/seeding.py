@@ -42,22 +42,27 @@ STREAMS: dict[str, tuple[int, int, int]] = {
 }
 
 
-def seed_of(seed: int, step: int, stream: str) -> int:
-    """The integer seed of `stream` at (seed, step); an unknown stream fails with the valid names."""
+# Under torchrun, rank r > 0 draws its own streams: the integer seed is shifted by r times this prime
+# (rank 0 keeps the single-process numbers).
+RANK_SHIFT = 15_485_863
+
+
+def seed_of(seed: int, step: int, stream: str, rank: int = 0) -> int:
+    """The integer seed of `stream` at (seed, step) on `rank`; an unknown stream fails with the valid names."""
     try:
         a, b, c = STREAMS[stream]
     except KeyError:
         raise OptionError(f"unknown random stream {stream!r}; valid: {', '.join(sorted(STREAMS))}") from None
-    return seed * a + step * b + c
+    return seed * a + step * b + c + rank * RANK_SHIFT
 
 
-def generator(seed: int, step: int, stream: str) -> "torch.Generator":
-    """A CPU torch.Generator seeded for `stream` at (seed, step)."""
+def generator(seed: int, step: int, stream: str, rank: int = 0) -> "torch.Generator":
+    """A CPU torch.Generator seeded for `stream` at (seed, step) on `rank`."""
     import torch  # here, not at the top: torch-free code (allocators, the simulator) uses `rng`
 
-    return torch.Generator().manual_seed(seed_of(seed, step, stream) % (2**63))
+    return torch.Generator().manual_seed(seed_of(seed, step, stream, rank) % (2**63))
 
 
-def rng(seed: int, step: int, stream: str) -> random.Random:
-    """A random.Random seeded for `stream` at (seed, step)."""
-    return random.Random(seed_of(seed, step, stream))
+def rng(seed: int, step: int, stream: str, rank: int = 0) -> random.Random:
+    """A random.Random seeded for `stream` at (seed, step) on `rank`."""
+    return random.Random(seed_of(seed, step, stream, rank))

@@ -10,6 +10,11 @@ Life cycle (torchtune-style): setup -> train -> save. One step:
     loss   = objective(model, micro-batch, spec)        (policy loss + KL + entropy + distillation,
                                                          through the registries, on every layout)
     AdamW step with gradient clipping; metrics, evaluation and atomic checkpoints on schedule.
+
+Under torchrun the same loop runs on every rank (`tracerl.distributed`): each rank rolls out its share
+of the step's prompts (a prompt's trees stay on it), the policy is sharded with FSDP2, the objective's
+denominators are global, metrics are reduced over ranks, and rank 0 alone writes the run directory.
+Generation then runs on an unsharded copy of the policy, reloaded after every update.
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ from tracerl.algos.metrics import effective_ratio, zero_advantage_fraction
 from tracerl.allocate import ALLOCATORS, AllocationContext
 from tracerl.allocate.predictor import SuccessPredictor, TextEncoder
 from tracerl.backends.hf import HFPolicy, SamplingParams
-from tracerl.checkpoint import (latest_checkpoint, load_optimizer, load_tensors, read_state, save_checkpoint,
+from tracerl.checkpoint import (latest_checkpoint, load_tensors, read_optimizer, read_state, save_checkpoint,
                                 save_tensors, set_rng_state)
 from tracerl.config import Config, dump_config, load_config
 from tracerl.credit import CreditStep, TokenCredit, write_samples
 from tracerl.credit.attention import SUPPORTED_MODEL_TYPES
 from tracerl.distill import Distiller
+from tracerl.distributed import World, connect
 from tracerl.errors import CheckpointError, DataError, TracerlError
 from tracerl.evaluate import evaluate, summarize
 from tracerl.methods import check_methods
@@ -47,20 +53,66 @@ from tracerl.sft import split_train
 from tracerl.tree import RolloutTree, mixed_anchors, tree_leaves, write_jsonl
 
 TOTALS = ("cum_gen_tokens", "cum_trajectories", "cum_tool_calls")
+# How a step's metric combines over ranks: counts add up, times take the slowest rank, values that are
+# the same on every rank (the global gradient norm, the schedule) come from rank 0, the rest are means
+# weighted by each rank's leaves.
+SUMMED = {"gen_tokens", "prefill_tokens", "prefill_saved", "tool_calls", "trajectories", "continuations",
+          "root_rollouts", "leaves", "trained_trajectories", "prompts_used", "pool_size", "train_tokens",
+          "train_tokens_per_leaf", "loss"}
+SLOWEST = {"rollout_s", "update_s", "credit_s", "predictor_s"}
+SHARED = {"lr", "grad_norm"}
+
+
+def reduce_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """One step's metrics from every rank's own (see SUMMED, SLOWEST, SHARED)."""
+    if len(per_rank) == 1:
+        return per_rank[0]
+    weights = [float(m.get("leaves", 1.0)) for m in per_rank]
+    out: dict[str, float] = {}
+    for key in dict.fromkeys(k for m in per_rank for k in m):
+        vals = [(m[key], w) for m, w in zip(per_rank, weights) if key in m]
+        if key in SUMMED:
+            out[key] = float(sum(v for v, _ in vals))
+        elif key in SLOWEST:
+            out[key] = float(max(v for v, _ in vals))
+        elif key in SHARED:
+            out[key] = float(vals[0][0])
+        else:
+            total = sum(w for _, w in vals)
+            out[key] = float(sum(v * w for v, w in vals) / total) if total else float(vals[0][0])
+    return out
+
+
+class _NoLogger:
+    """What ranks other than 0 log to: nothing."""
+
+    def log_step(self, *a, **k) -> None: ...
+
+    def log_eval(self, *a, **k) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: Path | None = None, overwrite: bool = False, log=print):
+    def __init__(self, cfg: Config, resume: Path | None = None, overwrite: bool = False, log=print,
+                 world: World | None = None):
         self.cfg, self.log = cfg, log
         self.resume_dir = resume
         self.overwrite = overwrite
+        self.world = world
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
-        check_methods(cfg)
+        if self.world is None:
+            self.world = connect(cfg.run.device, cfg.run.dist_timeout_s)
+        if not self.world.is_main:
+            self.log = lambda *a, **k: None
+        check_methods(cfg, self.world.size)
         apply_threads(cfg)
-        self._setup_run_dir()
+        self.run_dir = Path(self.resume_dir) if self.resume_dir is not None else cfg.run_dir()
+        if self.resume_dir is None:
+            self._on_main("creating the run directory", self._make_run_dir)
         self._setup_data()
         self._setup_model()
         self.credit = TokenCredit(cfg.credit, self.model, self.tokenizer, cfg.run.seed)  # identity unless credit.name is set
@@ -73,13 +125,27 @@ class Trainer:
         if self.resume_dir is not None:
             self._restore()
         self.logger = RunLogger(self.run_dir, tensorboard=cfg.trainer.tensorboard,
-                                resume_step=self.start_step if self.resume_dir is not None else None)
+                                resume_step=self.start_step if self.resume_dir is not None else None) \
+            if self.world.is_main else _NoLogger()
 
-    def _setup_run_dir(self) -> None:
-        if self.resume_dir is not None:
-            self.run_dir = Path(self.resume_dir)
-            return
-        self.run_dir = self.cfg.run_dir()
+    def _on_main(self, what: str, fn, *args) -> None:
+        """Run `fn` on rank 0 only (the run directory's files); if it fails, every rank stops with its error."""
+        error: TracerlError | None = None
+        if self.world.is_main:
+            try:
+                fn(*args)
+            except TracerlError as e:
+                if self.world.size == 1:
+                    raise
+                error = e
+        if self.world.size > 1:
+            message = self.world.broadcast(None if error is None else str(error))
+            if error is not None:
+                raise error
+            if message is not None:
+                raise TracerlError(f"rank {self.world.rank}: rank 0 failed {what}: {message}")
+
+    def _make_run_dir(self) -> None:
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
             if not self.overwrite:
                 raise TracerlError(f"run directory {self.run_dir} is not empty; pass --resume {self.run_dir}, "
@@ -101,16 +167,30 @@ class Trainer:
         cfg = self.cfg
         self.model_path = resolve_model_path(cfg, self.log)
         dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+        device = self.world.device
         self.model, self.tokenizer = load_policy(self.model_path, dtype=dtype)
-        self.model.to(cfg.run.device)
+        self.model.to(device)
+        # The frozen reference is replicated (unsharded) on every rank: it only runs forwards, so its
+        # passes need no collective and ranks may run different numbers of them.
         self.ref_model = None
         if cfg.algo.kl_coef > 0:
             self.ref_model, _ = load_policy(self.model_path, dtype=dtype)
-            self.ref_model.to(cfg.run.device).eval().requires_grad_(False)
-        self.policy = HFPolicy(self.model, self.tokenizer, cfg.run.device, cfg.model.max_context)
+            self.ref_model.to(device).eval().requires_grad_(False)
+        # Under torchrun the trained policy is sharded (a forward is a collective), so each rank samples
+        # from its own unsharded copy, reloaded after every update (`_sync_generation`).
+        self.gen_model = None
+        if self.world.size > 1:
+            self.gen_model, _ = load_policy(self.model_path, dtype=dtype)
+            self.gen_model.to(device).eval().requires_grad_(False)
+            mixed = cfg.trainer.bf16 and device.startswith("cuda") and dtype == torch.float32
+            self.model = self.world.wrap(self.model, mixed_bf16=mixed)
+        self.policy = HFPolicy(self.gen_model if self.gen_model is not None else self.model, self.tokenizer, device,
+                               cfg.model.max_context)
         # The LM head may run at the scored positions only (logits = lm_head(last hidden state) exactly, as
         # in the Llama / Qwen families): most positions are prompt or observation tokens, never scored.
-        head_at_positions = (getattr(self.model.config, "model_type", None) in SUPPORTED_MODEL_TYPES
+        # Not under FSDP2: a sharded model gathers its root weights (embeddings, norm, head) in its own
+        # forward only, so there the whole model runs.
+        head_at_positions = (self.world.size == 1 and getattr(self.model.config, "model_type", None) in SUPPORTED_MODEL_TYPES
                              and self.model.get_output_embeddings() is not None)
         # The policy being optimised is the one that samples: softmax(logits / T); the ratio, KL and
         # entropy use the same temperature, so training stays on-policy at any T.
@@ -126,13 +206,18 @@ class Trainer:
                                               cfg.run.seed, text)
 
     def _restore(self) -> None:
+        """The last complete checkpoint, read by rank 0 and sent to every rank (any world size)."""
         ckpt = latest_checkpoint(self.run_dir / rundir.CHECKPOINT_DIR)
         if ckpt is None:
             raise CheckpointError(f"no complete checkpoint under {self.run_dir / rundir.CHECKPOINT_DIR}; cannot resume")
-        state = read_state(ckpt)
-        model, _ = load_policy(ckpt / rundir.CHECKPOINT_MODEL_DIR, dtype=next(self.model.parameters()).dtype)
-        self.model.load_state_dict(model.state_dict())
-        load_optimizer(ckpt, self.optimizer)
+        state, weights, optim = None, None, None
+        if self.world.is_main:
+            state = read_state(ckpt)
+            model, _ = load_policy(ckpt / rundir.CHECKPOINT_MODEL_DIR, dtype=next(self.model.parameters()).dtype)
+            weights, optim = model.state_dict(), read_optimizer(ckpt)
+        state = self.world.broadcast(state)
+        self.world.load_state(self.model, self.optimizer, weights, optim)
+        self._sync_generation()
         set_rng_state(state["rng"])
         self.start_step, self.totals = state["step"], state["totals"]
         self.prompt_stats = dict(state.get("prompt_stats", {}))
@@ -170,12 +255,12 @@ class Trainer:
     def rollout(self, step: int) -> tuple[list[RolloutTree], RolloutCost]:
         """The step's rollout trees (chains are trees whose leaves all hang from the root).
         `self.alloc_info` gets the allocation's own metrics (pool size, allocator extras)."""
-        r, seed = self.cfg.rollout, self.cfg.run.seed
+        r, seed, rank = self.cfg.rollout, self.cfg.run.seed, self.world.rank
         params = SamplingParams(r.max_turn_tokens, r.temperature, r.top_p, tuple(self.env.stop_strings))
-        engine = RolloutEngine(self.policy, self.env, params, seeding.generator(seed, step, "rollout"),
+        engine = RolloutEngine(self.policy, self.env, params, seeding.generator(seed, step, "rollout", rank),
                                self.cfg.model.chat_template, r.batch_size, capture_hidden=self.predictor is not None)
-        tasks = self.sample_tasks(step)
-        ctx = AllocationContext(engine, r, seeding.rng(seed, step, "allocator"), self.cfg.alloc, self.predictor,
+        tasks = self.world.share(self.sample_tasks(step))  # under torchrun: this rank's prompts
+        ctx = AllocationContext(engine, r, seeding.rng(seed, step, "allocator", rank), self.cfg.alloc, self.predictor,
                                 self.prompt_stats, self._drawer(step, tasks))
         trees = ALLOCATORS.get(r.allocator)(ctx, tasks)
         for t in trees:
@@ -191,56 +276,106 @@ class Trainer:
     def layout(self) -> str:
         return "trees" if self.cfg.algo.dedup_prefix else "rows"
 
-    def update(self, batch: TokenBatch, step: int, credit: CreditStep | None = None) -> dict[str, float]:
+    def update(self, batch: TokenBatch | None, step: int, credit: CreditStep | None = None) -> dict[str, float]:
         """ppo_epochs × mini_batches optimizer steps over the batch. With `credit`, the first forward over
-        each leaf (π_old's) also yields its token weights, which multiply its advantages."""
+        each leaf (π_old's) also yields its token weights, which multiply its advantages. Under torchrun
+        each rank passes its own batch (None: it kept no leaf this step, and only joins the collectives)."""
         t = self.cfg.trainer
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr_at(step)
         hook = credit.hook(batch, self.model) if credit is not None else None
-        dist = self.distiller.prepare(batch, step) if self.distiller is not None else None
+        dist = self.distiller.prepare(batch, step) if self.distiller is not None and batch is not None else None
         # one epoch, one mini-batch: π_old is the policy of the update's own forward (no extra pass)
         old = None if t.ppo_epochs == 1 and t.mini_batches == 1 else self._score(self.model, batch, hook)
         ref = self._score(self.ref_model, batch) if self.ref_model is not None else None
         stats: dict[str, list[float]] = {}
         self.model.train()
         for _ in range(t.ppo_epochs):
-            for packs in batch.mini_batches(t.mini_batches):
+            for packs in self._mini_batches(batch):
                 self._optimizer_step(batch, packs, old, ref, dist, hook if old is None else None, stats)
         self.model.eval()
-        out = {k: sum(v) / len(v) for k, v in stats.items()}
-        out["train_tokens"] = sum(stats["train_tokens"]) / t.ppo_epochs  # tokens per pass over the batch
-        out["train_tokens_per_leaf"] = float(batch.leaf_tokens_run)  # what one row per leaf would run
+        self._sync_generation()
+        out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+        out["train_tokens"] = sum(stats.get("train_tokens", [])) / t.ppo_epochs  # tokens per pass over the batch
+        out["train_tokens_per_leaf"] = float(batch.leaf_tokens_run) if batch is not None else 0.0  # one row per leaf
         return {**out, **(dist.summary() if dist is not None else {})}
 
-    def _optimizer_step(self, batch: TokenBatch, packs: list[int], old, ref, dist, hook, stats) -> None:
-        """One mini-batch: micro-batches share its denominators, so their gradients add up to its own."""
-        leaves = batch.leaves_of(packs)
-        pg_mask = dist.pg_mask(leaves) if dist is not None else batch.mask[leaves]
-        den = Denominators.of(self.spec, batch.mask[leaves], pg_mask, batch.max_response)
+    def _mini_batches(self, batch: TokenBatch | None) -> list[list[int]]:
+        """The packs of each optimizer step of one epoch; under torchrun every rank takes the same number
+        of steps (empty ones where its batch has fewer packs)."""
+        n = self.cfg.trainer.mini_batches
+        chunks = batch.mini_batches(n) if batch is not None else []
+        if self.world.size > 1:
+            chunks += [[] for _ in range(n - len(chunks))]
+        return chunks
+
+    def _optimizer_step(self, batch: TokenBatch | None, packs: list[int], old, ref, dist, hook, stats) -> None:
+        """One mini-batch: micro-batches share its denominators, so their gradients add up to its own;
+        under torchrun the denominators are the global ones and the gradients add up across ranks."""
+        if packs:
+            leaves = batch.leaves_of(packs)
+            pg_mask = dist.pg_mask(leaves) if dist is not None else batch.mask[leaves]
+            den = Denominators.of(self.spec, batch.mask[leaves], pg_mask, batch.max_response)
+            groups = batch.micro_batches(packs, self.cfg.trainer.micro_batch_size)
+        else:
+            leaves, den, groups = [], Denominators(0.0, 0.0, 0), []
+        den = self._global(den)
+        passes = self._passes(len(groups))
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for group in batch.micro_batches(packs, self.cfg.trainer.micro_batch_size):
+        for group in groups:
             mb = batch.micro(group, self.policy.pad_id)
             loss, mb_stats = objective(self.model, mb, self.spec, den, old_logp=join_packs(old, group) if old is not None else None,
                                        ref_logp=join_packs(ref, group) if ref is not None else None, distill=dist,
                                        den_leaves=leaves, hook=hook)
-            loss.backward()
+            self.world.backward(loss)
             total += loss.item()
             for k, v in {**mb_stats, "train_tokens": [float(mb.tokens)]}.items():
                 stats.setdefault(k, []).extend(v)
+        self._idle_passes(passes - len(groups), grad=True)
         stats.setdefault("loss", []).append(total)
         gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
+        gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn  # FSDP2: a DTensor of the global norm
         stats.setdefault("grad_norm", []).append(gn.item())
         self.optimizer.step()
 
-    def _score(self, model, batch: TokenBatch, hook=None) -> dict[int, torch.Tensor]:
-        """Log-probs of every pack's scored tokens under `model` (no gradient); `hook` reads each forward."""
+    def _global(self, den: Denominators) -> Denominators:
+        """The mini-batch's denominators over every rank (sums of counts; the longest response)."""
+        if self.world.size == 1:
+            return den
+        max_len = self.spec.norm_length or int(self.world.max(den.max_len).item())
+        return Denominators(self.world.sum(den.policy).float().clamp(min=1), self.world.sum(den.tokens).float().clamp(min=1),
+                            max(1, max_len))
+
+    def _passes(self, mine: int) -> int:
+        """Forwards of the sharded policy every rank runs for this micro-batch loop: the busiest rank's
+        count (each forward and backward is a collective under FSDP2), agreed before any of them runs."""
+        return mine if self.world.size == 1 else int(self.world.max(mine).item())
+
+    def _idle_passes(self, n: int, grad: bool) -> None:
+        """`n` empty passes (one pad token, zero loss) of a rank with fewer micro-batches than the busiest."""
+        for _ in range(n):
+            ids = torch.full((1, 1), self.policy.pad_id, dtype=torch.long, device=self.world.device)
+            with torch.set_grad_enabled(grad):
+                out = self.model(input_ids=ids).logits.sum() * 0.0
+            if grad:
+                out.backward()
+
+    def _sync_generation(self) -> None:
+        """Under torchrun: reload the generation copy from the sharded policy (a collective)."""
+        if self.gen_model is not None:
+            self.gen_model.load_state_dict(self.world.full_state(self.model))
+
+    def _score(self, model, batch: TokenBatch | None, hook=None) -> dict[int, torch.Tensor]:
+        """Log-probs of every pack's scored tokens under `model` (no gradient); `hook` reads each forward.
+        The policy's forwards are collectives under torchrun (it is sharded): every rank runs as many."""
         out: dict[int, torch.Tensor] = {}
-        all_packs = list(range(len(batch.packs)))
-        for group in batch.micro_batches(all_packs, self.cfg.trainer.micro_batch_size):
+        groups = [] if batch is None else batch.micro_batches(list(range(len(batch.packs))), self.cfg.trainer.micro_batch_size)
+        passes = self._passes(len(groups)) if model is self.model else len(groups)
+        for group in groups:
             logp = score_only(model, batch.micro(group, self.policy.pad_id), self.spec, hook)
             out.update(split_by_pack(batch, group, logp))
+        self._idle_passes(passes - len(groups), grad=False)
         return out
 
     # ---------------------------------------------------------------- one step
@@ -263,25 +398,26 @@ class Trainer:
         every = self.cfg.trainer.tree_log_every
         log_now = bool(every) and (step + 1) % every == 0
         credit_s = 0.0
-        if kept:
-            batch = build_batch(kept, self.layout())
-            credit = self.credit.start(batch.leaves, batch.adv, step, want_samples=log_now)  # None: no weights
+        if self.world.sum(len(kept)).item() > 0:  # under torchrun: some rank kept leaves, so all update
+            batch = build_batch(kept, self.layout()) if kept else None
+            credit = self.credit.start(batch.leaves, batch.adv, step, want_samples=log_now) if kept else None
             metrics.update(self.update(batch, step, credit))
             if credit is not None:
                 result = credit.result()
                 metrics.update(result.metrics)
                 credit_s = result.metrics["credit_s"]  # spent inside the update: not counted in update_s
-                if result.samples:
+                if result.samples and self.world.is_main:
                     write_samples(result.samples, rundir.credit_file(self.run_dir, step + 1))
-        if log_now:
+        if log_now and self.world.is_main:  # under torchrun: the trees of rank 0's prompts
             write_jsonl(trees, rundir.trees_file(self.run_dir, step + 1), {"step": step + 1})
         metrics.update(trained_trajectories=sum(len(la) for _, la in kept), lr=self.lr_at(step),
                        **self._cost_metrics(cost), prompts_used=len({t.group for t in trees}), **self.alloc_info,
                        **predictor_metrics, rollout_s=t1 - t0 - t_pred, update_s=time.time() - t1 - credit_s)
         if self.predictor is not None:
             metrics["predictor_s"] = t_pred
-        for key, value in zip(TOTALS, (cost.gen_tokens, cost.trajectories, cost.tool_calls)):
-            self.totals[key] += value
+        metrics = reduce_metrics(self.world.gather(metrics)) if self.world.size > 1 else metrics
+        for key, name in zip(TOTALS, ("gen_tokens", "trajectories", "tool_calls")):
+            self.totals[key] += int(metrics[name])
         metrics.update(self.totals)
         return metrics
 
@@ -314,25 +450,42 @@ class Trainer:
                     root_rollouts=cost.trajectories - cost.continuations)
 
     def _update_prompt_stats(self, trees: list[RolloutTree]) -> None:
-        """Latest empirical success rate of every prompt of the step (Knapsack-style allocation)."""
+        """Latest empirical success rate of every prompt of the step (Knapsack-style allocation), on
+        every rank."""
         counts: dict[str, list[int]] = {}
         for t in trees:
             c = counts.setdefault(t.task.id, [0, 0])
             c[0] += t.root.successes
             c[1] += t.root.leaves
-        for task_id, (succ, leaves) in counts.items():
-            if leaves:
-                self.prompt_stats[task_id] = succ / leaves
+        for part in self.world.gather(counts) if self.world.size > 1 else [counts]:
+            for task_id, (succ, leaves) in part.items():
+                if leaves:
+                    self.prompt_stats[task_id] = succ / leaves
 
     # ---------------------------------------------------------------- loop
     def evaluate(self, step: int, split: str = "validation") -> dict[str, float]:
+        """Greedy evaluation; under torchrun each rank runs its share of the tasks."""
         tasks = self.val_tasks if split == "validation" else self.env.tasks(split)[: self.cfg.trainer.eval_size]
-        res, _ = evaluate(self.policy, self.env, tasks, self.cfg.rollout.max_turn_tokens,
-                          self.cfg.model.chat_template, self.cfg.rollout.batch_size)
+        mine = self.world.share(tasks)
+        if self.world.size == 1:
+            res, _ = evaluate(self.policy, self.env, mine, self.cfg.rollout.max_turn_tokens,
+                              self.cfg.model.chat_template, self.cfg.rollout.batch_size)
+        else:
+            part = evaluate(self.policy, self.env, mine, self.cfg.rollout.max_turn_tokens, self.cfg.model.chat_template,
+                            self.cfg.rollout.batch_size) if mine else ({"gen_tokens": 0}, [])
+            parts = self.world.gather((part[0]["gen_tokens"], part[1]))
+            trajs = [tr for _, ts in parts for tr in ts]
+            res = {**summarize(trajs), "n": len(trajs), "gen_tokens": sum(g for g, _ in parts)}
         self.logger.log_eval(step, split, res)
         return res
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int) -> None:
+        """An atomic checkpoint; under torchrun the full weights (the synced generation copy) and the
+        gathered optimizer state are written by rank 0, in the single-process layout."""
+        optim = self.world.optimizer_state(self.model, self.optimizer)  # a collective under torchrun
+        self._on_main("writing the checkpoint", self._write_checkpoint, step, optim)
+
+    def _write_checkpoint(self, step: int, optim) -> None:
         extra = None
         if self.predictor is not None:
             predictor = self.predictor
@@ -340,10 +493,11 @@ class Trainer:
             def extra(directory: Path) -> None:
                 save_tensors(directory, "predictor", *predictor.state())
 
-        return save_checkpoint(self.run_dir / rundir.CHECKPOINT_DIR, step, self.model, self.tokenizer, self.optimizer,
-                               {"totals": self.totals, "seed": self.cfg.run.seed, "model_path": str(self.model_path),
-                                "prompt_stats": self.prompt_stats},
-                               keep=self.cfg.trainer.keep_checkpoints, extra=extra)
+        model = self.gen_model if self.gen_model is not None else self.model
+        save_checkpoint(self.run_dir / rundir.CHECKPOINT_DIR, step, model, self.tokenizer, optim,
+                        {"totals": self.totals, "seed": self.cfg.run.seed, "model_path": str(self.model_path),
+                         "prompt_stats": self.prompt_stats, "world_size": self.world.size},
+                        keep=self.cfg.trainer.keep_checkpoints, extra=extra)
 
     def train(self) -> dict[str, float]:
         t = self.cfg.trainer
@@ -351,7 +505,7 @@ class Trainer:
         if self.start_step == 0 and t.eval_at_start:
             last_eval = self.evaluate(0)
             self.log(f"step 0 validation EM {last_eval['em']:.3f} F1 {last_eval['f1']:.3f}")
-        with Progress(total=t.steps, start=self.start_step, disable=not t.progress) as bar:
+        with Progress(total=t.steps, start=self.start_step, disable=not (t.progress and self.world.is_main)) as bar:
             for step in range(self.start_step, t.steps):
                 metrics = self.train_step(step)
                 if not all(math.isfinite(v) for v in (metrics.get("loss", 0.0), metrics.get("grad_norm", 0.0))):
@@ -367,14 +521,27 @@ class Trainer:
         if self.start_step >= t.steps and not last_eval:
             last_eval = self.evaluate(t.steps)
         self.logger.close()
+        self._on_main("writing the report", self._finish, last_eval)
+        return last_eval
+
+    def _finish(self, result: dict[str, float]) -> None:
         from tracerl.report import write_report
 
         write_report(self.run_dir)
-        return last_eval
+        rundir.atomic_write_text(self.run_dir / rundir.FINAL_EVAL_FILE, json.dumps(result, indent=1))
 
 
 def train(config_path: str | None, overrides: list[str], resume: str | None = None, overwrite: bool = False,
-          log=print) -> tuple[Path, dict[str, float]]:
+          log=print, auto_resume: bool = False) -> tuple[Path, dict[str, float]]:
+    """`auto_resume`: resume the config's run directory if it holds a complete checkpoint, else start it
+    (replacing a previous attempt that stopped before its first checkpoint) — what a restarted torchrun
+    worker group runs."""
+    if auto_resume and not resume:
+        run_dir = load_config(config_path, overrides).run_dir()
+        if latest_checkpoint(run_dir / rundir.CHECKPOINT_DIR) is not None:
+            resume = str(run_dir)
+        elif (run_dir / rundir.CONFIG_FILE).is_file():
+            overwrite = True
     if resume:
         cfg_file = Path(resume) / rundir.CONFIG_FILE
         if not cfg_file.is_file():
@@ -385,5 +552,5 @@ def train(config_path: str | None, overrides: list[str], resume: str | None = No
     trainer = Trainer(cfg, Path(resume) if resume else None, overwrite, log)
     trainer.setup()
     result = trainer.train()
-    rundir.atomic_write_text(trainer.run_dir / rundir.FINAL_EVAL_FILE, json.dumps(result, indent=1))
+    trainer.world.close()  # after an error the process exits (torchrun then stops the other ranks)
     return trainer.run_dir, result
