@@ -30,6 +30,21 @@ class PeerLostError(TracerlError):
     """Another rank died, hung past the collective timeout, or the connection between ranks broke."""
 
 
+# What gloo and NCCL errors say when a peer is gone (they raise plain RuntimeErrors).
+_LOST = ("timed out", "timeout", "connection reset", "connection closed", "broken pipe", "gloo", "nccl",
+         "socket", "peer")
+
+
+def lost_peer(e: BaseException, rank: int, size: int, timeout_s: float, what: str = "a collective") -> PeerLostError | None:
+    """`e` as a one-line PeerLostError if it is a communication failure between ranks, else None."""
+    text = str(e).strip()
+    if not isinstance(e, (RuntimeError, ConnectionError)) or not any(m in text.lower() for m in _LOST):
+        return None
+    first = text.splitlines()[0] if text else type(e).__name__
+    return PeerLostError(f"rank {rank}: {what} across {size} ranks failed (another rank died, hung for more than "
+                         f"run.dist_timeout_s={timeout_s:g} s, or lost its connection): {first}")
+
+
 class World(Protocol):
     """What the training loop needs from the set of processes that train one policy."""
 
@@ -55,6 +70,8 @@ class World(Protocol):
     def wrap(self, model: nn.Module, mixed_bf16: bool = False) -> nn.Module: ...
 
     def backward(self, loss: Tensor) -> None: ...
+
+    def lost(self, e: BaseException, what: str = "a collective") -> PeerLostError | None: ...
 
     def full_state(self, model: nn.Module) -> dict[str, Tensor]: ...
 
@@ -105,6 +122,9 @@ class Single:
 
     def backward(self, loss: Tensor) -> None:
         loss.backward()
+
+    def lost(self, e: BaseException, what: str = "a collective") -> PeerLostError | None:
+        return None
 
     def full_state(self, model: nn.Module) -> dict[str, Tensor]:
         return model.state_dict()
@@ -165,13 +185,26 @@ class Torchrun:
             backend = "gloo"
         self.device, self.backend, self.timeout_s = device, backend, timeout_s
         if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+            timeout = datetime.timedelta(seconds=timeout_s)
+            dist.init_process_group(backend, timeout=timeout, **self._store(timeout))
         # small objects (metrics, plans, checkpoint state) travel over a gloo group on every backend
         self._obj_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s)) \
             if backend != "gloo" else None
         from torch.distributed.device_mesh import init_device_mesh
 
         self.mesh = init_device_mesh("cuda" if backend == "nccl" else "cpu", (self.size,))
+
+    def _store(self, timeout: datetime.timedelta) -> dict[str, Any]:
+        """torchrun's agent store, under a prefix of its own for each restart of the worker group: the
+        store outlives a restart (c10d rendezvous) and a restarted rank would otherwise read the
+        addresses the dead group published, and fail to connect. Other launchers: the env:// default."""
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            return {}
+        store = self.dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.size,
+                                   is_master=False, timeout=timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return {"store": self.dist.PrefixStore(f"tracerl/attempt_{attempt}", store), "rank": self.rank,
+                "world_size": self.size}
 
     @property
     def is_main(self) -> bool:
@@ -181,10 +214,14 @@ class Torchrun:
         try:
             return fn(*args, **kwargs)
         except (RuntimeError, ConnectionError) as e:  # gloo / NCCL report a lost peer or a timeout this way
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise PeerLostError(f"rank {self.rank}: {what} across {self.size} ranks failed (another rank died, "
-                                f"hung for more than run.dist_timeout_s={self.timeout_s:g} s, or lost its "
-                                f"connection): {first}") from None
+            lost = self.lost(e, what)
+            if lost is None:
+                raise
+            raise lost from None
+
+    def lost(self, e: BaseException, what: str = "a collective") -> PeerLostError | None:
+        """`e` as a PeerLostError naming this rank, if it is a failure to reach the other ranks."""
+        return lost_peer(e, self.rank, self.size, self.timeout_s, what)
 
     def share(self, items: list[T]) -> list[T]:
         return list(items[self.rank::self.size])

@@ -500,6 +500,17 @@ class Trainer:
                         keep=self.cfg.trainer.keep_checkpoints, extra=extra)
 
     def train(self) -> dict[str, float]:
+        """The loop; under torchrun a failure to reach the other ranks (inside FSDP2's collectives too)
+        stops this rank with one line saying so."""
+        try:
+            return self._train()
+        except (RuntimeError, ConnectionError) as e:
+            lost = self.world.lost(e, "training")
+            if lost is None:
+                raise
+            raise lost from None
+
+    def _train(self) -> dict[str, float]:
         t = self.cfg.trainer
         last_eval: dict[str, float] = {}
         if self.start_step == 0 and t.eval_at_start:
