@@ -64,7 +64,7 @@ def test_one_update_on_two_ranks_equals_the_single_process_update(tmp_path):
     out = subprocess.run([*TORCHRUN, str(script), str(tmp_path), *TINY_RUN], cwd=REPO, env=ENV, capture_output=True,
                          text=True, timeout=300)
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert out.returncode == 0 and len(rows) == 4, out.stdout[-2000:] + out.stderr[-4000:]
+    assert out.returncode == 0 and len(rows) == 6, out.stdout[-2000:] + out.stderr[-4000:]
     for r in rows:
         assert r["ok"] and r["max_weight_diff"] <= 1e-6 and r["max_grad_diff"] <= 1e-6, r
         assert abs(r["loss_1"] - r["loss_n"]) <= 1e-6 and r["grad_norm_1"] > 0, r
@@ -72,6 +72,9 @@ def test_one_update_on_two_ranks_equals_the_single_process_update(tmp_path):
     assert by_case["chains-rows-token-mean"]["rank_leaves"] == [8, 4]  # unequal shares: idle passes ran
     assert by_case["one-prompt-idle-rank"]["rank_leaves"] == [4, 0]
     assert by_case["chains-rows-seq-mean-kl-2-epochs"]["weights_moved_from_ref"] > 0
+    assert by_case["chains-rows-all-token-distill"]["distill_weight"] == 1.0  # the teacher KL was on
+    # the distillation and credit cases changed the loss of the same batch (each term really ran)
+    assert by_case["chains-rows-all-token-distill"]["loss_1"] != by_case["chains-rows-flowtracer"]["loss_1"]
 
 
 @pytest.mark.slow

@@ -296,8 +296,18 @@ class Torchrun:
             self.dist.destroy_process_group()
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (0 outside torchrun), before any process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def launched_size() -> int:
+    """The number of ranks torchrun started (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def connect(device: str = "cpu", timeout_s: float = 600.0) -> World:
     """torchrun's ranks when WORLD_SIZE > 1, else one process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_size() > 1:
         return Torchrun(device, timeout_s)
     return Single(device)

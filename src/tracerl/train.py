@@ -39,7 +39,7 @@ from tracerl.config import Config, dump_config, load_config
 from tracerl.credit import CreditStep, TokenCredit, write_samples
 from tracerl.credit.attention import SUPPORTED_MODEL_TYPES
 from tracerl.distill import Distiller
-from tracerl.distributed import World, connect
+from tracerl.distributed import World, connect, launched_rank, launched_size
 from tracerl.errors import CheckpointError, DataError, TracerlError
 from tracerl.evaluate import evaluate, summarize
 from tracerl.methods import check_methods
@@ -104,12 +104,16 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
+        if (self.world.rank if self.world is not None else launched_rank()) != 0:
+            self.log = lambda *a, **k: None
+        check_methods(cfg, self.world.size if self.world is not None else launched_size())
+        apply_threads(cfg)
+        # The initial policy before the process group: an SFT warm start trained here is saved by
+        # transformers, which writes files from rank 0 only once a group exists; until then ranks take
+        # turns on the cache's file lock (the first trains, the others reuse).
+        self.model_path = resolve_model_path(cfg, self.log)
         if self.world is None:
             self.world = connect(cfg.run.device, cfg.run.dist_timeout_s)
-        if not self.world.is_main:
-            self.log = lambda *a, **k: None
-        check_methods(cfg, self.world.size)
-        apply_threads(cfg)
         self.run_dir = Path(self.resume_dir) if self.resume_dir is not None else cfg.run_dir()
         if self.resume_dir is None:
             self._on_main("creating the run directory", self._make_run_dir)
@@ -165,7 +169,6 @@ class Trainer:
 
     def _setup_model(self) -> None:
         cfg = self.cfg
-        self.model_path = resolve_model_path(cfg, self.log)
         dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
         device = self.world.device
         self.model, self.tokenizer = load_policy(self.model_path, dtype=dtype)
@@ -285,6 +288,8 @@ class Trainer:
             g["lr"] = self.lr_at(step)
         hook = credit.hook(batch, self.model) if credit is not None else None
         dist = self.distiller.prepare(batch, step) if self.distiller is not None and batch is not None else None
+        if dist is not None and self.gen_model is not None:
+            dist.teacher_model = self.gen_model  # the teacher pass needs no collective: the unsharded copy
         # one epoch, one mini-batch: π_old is the policy of the update's own forward (no extra pass)
         old = None if t.ppo_epochs == 1 and t.mini_batches == 1 else self._score(self.model, batch, hook)
         ref = self._score(self.ref_model, batch) if self.ref_model is not None else None
@@ -320,6 +325,10 @@ class Trainer:
         else:
             leaves, den, groups = [], Denominators(0.0, 0.0, 0), []
         den = self._global(den)
+        if self.distiller is not None and self.world.size > 1:  # the KL channels' global token counts
+            counts = self.world.sum(dist.counts(leaves) if dist is not None and packs else torch.zeros(2))
+            if dist is not None:
+                dist.global_counts = counts.float()
         passes = self._passes(len(groups))
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0

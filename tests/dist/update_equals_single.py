@@ -20,6 +20,7 @@ import torch
 from tracerl.config import load_config
 from tracerl.distributed import Single, connect
 from tracerl.packing import build_batch
+from tracerl.setup import resolve_model_path
 from tracerl.train import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,6 +33,11 @@ CASES = {
                              "algo.aggregation=seq-mean-token-sum-norm"],
     "chains-rows-seq-mean-kl-2-epochs": ["rollout.allocator=uniform", "algo.aggregation=seq-mean-token-mean",
                                          "algo.kl_coef=0.05", "trainer.ppo_epochs=2"],
+    # token credit reads the attention of the (sharded) update forward
+    "chains-rows-flowtracer": ["rollout.allocator=uniform", "credit.name=flowtracer"],
+    # routed self-distillation: the teacher pass runs on each rank's unsharded generation copy
+    "chains-rows-all-token-distill": ["rollout.allocator=uniform", "distill.mode=all_tokens", "distill.warmup_steps=0",
+                                      "distill.hold_steps=5", "distill.teacher_context=answer"],
     # 1 prompt on 2 ranks: rank 1 has nothing to train on and only joins the collectives
     "one-prompt-idle-rank": ["rollout.allocator=uniform", "rollout.prompts_per_step=1"],
 }
@@ -57,6 +63,7 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys=None) 
 
 def main() -> int:
     out_dir, extra = Path(sys.argv[1]), sys.argv[2:]
+    resolve_model_path(load_config(None, extra), log=lambda *a: None)  # the warm start, before the process group
     world = connect("cpu", 120)
     failed = False
     for name, overrides in CASES.items():
@@ -72,8 +79,19 @@ def main() -> int:
         # random advantages: a tiny untrained policy often gets one reward everywhere (all advantages 0)
         kept = with_random_advantages(trees, seed=7)
         mine = [(t, la) for t, la in kept if t.group % world.size == world.rank]  # this rank's prompts
-        stats_1 = single.update(build_batch(kept, single.layout()), 0)
-        stats_n = sharded.update(build_batch(mine, sharded.layout()) if mine else None, 0)
+        batch_1, batch_n = build_batch(kept, single.layout()), build_batch(mine, sharded.layout()) if mine else None
+        credit_1 = single.credit.start(batch_1.leaves, batch_1.adv, 0)
+        credit_n = sharded.credit.start(batch_n.leaves, batch_n.adv, 0) if batch_n is not None else None
+        stats_1 = single.update(batch_1, 0, credit_1)
+        stats_n = sharded.update(batch_n, 0, credit_n)
+        if credit_1 is not None:  # the weights computed from each forward's attention agree too
+            w1 = credit_1.result().weights
+            wn = [w for part in world.gather(credit_n.result().weights if credit_n is not None else [])
+                  for w in part]
+            order = [i for r in range(world.size) for i, (t, la) in enumerate(kept) if t.group % world.size == r]
+            flat_1 = [w for i in order for w in w1[sum(len(la) for _, la in kept[:i]):][:len(kept[i][1])]]
+            assert len(flat_1) == len(wn) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(flat_1, wn))
+            assert any(bool((w != 1).any()) for w in wn), "token credit changed no weight"
         loss_n = float(world.sum(stats_n["loss"]))
         g_diff = max_diff(grads(single.model, world), grads(sharded.model, world))
         names = [n for n, _ in single.model.named_parameters()]
@@ -84,7 +102,8 @@ def main() -> int:
         row = {"case": name, "rank_leaves": world.gather(sum(len(la) for _, la in mine)),
                "loss_1": stats_1["loss"], "loss_n": loss_n, "grad_norm_1": stats_1["grad_norm"],
                "grad_norm_n": stats_n["grad_norm"], "max_grad_diff": g_diff, "max_weight_diff": w_diff,
-               "generation_copy_diff": gen_diff, "weights_moved_from_ref": moved}
+               "generation_copy_diff": gen_diff, "weights_moved_from_ref": moved,
+               **{k: v for k, v in stats_1.items() if k.startswith("distill")}}
         ok = (g_diff <= TOL and w_diff <= TOL and gen_diff <= TOL and abs(loss_n - stats_1["loss"]) <= TOL
               and abs(stats_n["grad_norm"] - stats_1["grad_norm"]) <= TOL * max(1.0, stats_1["grad_norm"]))
         failed |= not ok

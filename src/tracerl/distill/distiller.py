@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -65,9 +67,17 @@ class DistillBatch:
     sampled_pos: list[Tensor]  # per leaf: positions of its sampled tokens in its own sequence
     metrics: dict[str, float] = field(default_factory=dict)
     teacher_s: float = 0.0
+    # Under torchrun: the teacher pass runs on this (unsharded) model instead of the one being trained,
+    # and the KL channels divide by token counts summed over ranks (`counts`, then set by the trainer).
+    teacher_model: Any = None
+    global_counts: Tensor | None = None
 
     def pg_mask(self, leaves: list[int]) -> Tensor:
         return self.pg[leaves]
+
+    def counts(self, leaves: list[int]) -> Tensor:
+        """(forward-KL tokens, reverse-KL tokens) of these leaves: the KL channels' denominators."""
+        return torch.stack([self.fkl[leaves].sum(), self.rkl[leaves].sum()]).float()
 
     def loss(self, model, mb, logits: Tensor, den_leaves: list[int], stats: dict[str, list[float]]) -> Tensor:
         """The teacher channels of a micro-batch: logits (n, n_max, V) are the student's at its leaves'
@@ -79,7 +89,7 @@ class DistillBatch:
         if self.weight > 0 and routed and bool((fm + rm).sum() > 0):
             t0 = time.perf_counter()
             seqs = [self.teacher[mb.leaves[j]] for j in routed]
-            tlp = teacher_logprobs(model, seqs, max(s.student_len for s in seqs) - 1, pad_id=d.pad_id,
+            tlp = teacher_logprobs(self.teacher_model if self.teacher_model is not None else model, seqs, max(s.student_len for s in seqs) - 1, pad_id=d.pad_id,
                                    temperature=d.temperature, device=d.device, bf16=d.bf16)
             V = logits.shape[-1]
             teacher = torch.full_like(logits, -torch.log(torch.tensor(float(V))).item())
@@ -87,9 +97,10 @@ class DistillBatch:
                 t = self.sampled_pos[mb.leaves[j]] - 1  # the target index of each sampled token
                 teacher[j, : t.numel()] = tlp[r, t.to(tlp.device), :V].to(logits.device)
             self.teacher_s += time.perf_counter() - t0
+        counts = self.counts(den_leaves) if self.global_counts is None else self.global_counts
+        counts = counts.clamp(min=1).to(logits.device)
         loss, kst = routed_kl(fm, rm, logits, teacher, weight=self.weight, topk=d.cfg.topk,
-                              fkl_denominator=self.fkl[den_leaves].sum().clamp(min=1).to(logits.device),
-                              rkl_denominator=self.rkl[den_leaves].sum().clamp(min=1).to(logits.device))
+                              fkl_denominator=counts[0], rkl_denominator=counts[1])
         for k in ("kl_key", "kl_error"):
             if k in kst:
                 stats.setdefault(k, []).append(kst[k])
