@@ -106,3 +106,13 @@ def test_cpu_smoke_model_is_small():
     s = smoke_settings()
     assert (s["CPU_HIDDEN_SIZE"], s["CPU_NUM_LAYERS"], s["CPU_RANKS"]) == (128, 2, 2)
     assert smoke_parameters("CPU") == 656_128
+
+
+@pytest.mark.slow
+def test_the_smoke_script_runs_on_cpu_with_two_gloo_ranks():
+    """`bench/gpu_smoke.sh --cpu`: the script's own flow (launch, checks, summary) with 2 gloo ranks."""
+    out = subprocess.run(["bash", str(SMOKE_SCRIPT), "--cpu"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "gpu_smoke: passed" in out.stdout
+    assert f"model: {smoke_parameters('CPU'):,} parameters" in out.stdout
+    assert "steps/s:" in out.stdout and "last step: loss" in out.stdout

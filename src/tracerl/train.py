@@ -59,7 +59,7 @@ TOTALS = ("cum_gen_tokens", "cum_trajectories", "cum_tool_calls")
 SUMMED = {"gen_tokens", "prefill_tokens", "prefill_saved", "tool_calls", "trajectories", "continuations",
           "root_rollouts", "leaves", "trained_trajectories", "prompts_used", "pool_size", "train_tokens",
           "train_tokens_per_leaf", "loss"}
-SLOWEST = {"rollout_s", "update_s", "credit_s", "predictor_s"}
+SLOWEST = {"rollout_s", "update_s", "credit_s", "predictor_s", "sync_s", "gpu_mem_gib"}
 SHARED = {"lr", "grad_norm"}
 
 
@@ -299,8 +299,11 @@ class Trainer:
             for packs in self._mini_batches(batch):
                 self._optimizer_step(batch, packs, old, ref, dist, hook if old is None else None, stats)
         self.model.eval()
+        t0 = time.perf_counter()
         self._sync_generation()
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+        if self.gen_model is not None:
+            out["sync_s"] = time.perf_counter() - t0  # reloading the generation copy (part of update_s)
         out["train_tokens"] = sum(stats.get("train_tokens", [])) / t.ppo_epochs  # tokens per pass over the batch
         out["train_tokens_per_leaf"] = float(batch.leaf_tokens_run) if batch is not None else 0.0  # one row per leaf
         return {**out, **(dist.summary() if dist is not None else {})}
@@ -424,6 +427,8 @@ class Trainer:
                        **predictor_metrics, rollout_s=t1 - t0 - t_pred, update_s=time.time() - t1 - credit_s)
         if self.predictor is not None:
             metrics["predictor_s"] = t_pred
+        if self.world.device.startswith("cuda"):  # peak allocated on this rank so far (the largest rank's, reduced)
+            metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         metrics = reduce_metrics(self.world.gather(metrics)) if self.world.size > 1 else metrics
         for key, name in zip(TOTALS, ("gen_tokens", "trajectories", "tool_calls")):
             self.totals[key] += int(metrics[name])

@@ -33,6 +33,7 @@ CASES = {
                              "algo.aggregation=seq-mean-token-sum-norm"],
     "chains-rows-seq-mean-kl-2-epochs": ["rollout.allocator=uniform", "algo.aggregation=seq-mean-token-mean",
                                          "algo.kl_coef=0.05", "trainer.ppo_epochs=2"],
+    "chains-rows-plain": ["rollout.allocator=uniform"],  # the batch of the two cases below, without their term
     # token credit reads the attention of the (sharded) update forward
     "chains-rows-flowtracer": ["rollout.allocator=uniform", "credit.name=flowtracer"],
     # routed self-distillation: the teacher pass runs on each rank's unsharded generation copy
