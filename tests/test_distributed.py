@@ -146,6 +146,26 @@ def test_a_hung_rank_stops_the_others_with_one_line_after_the_timeout(tmp_path):
     assert "Traceback" not in seen  # rank 0's one line, no traceback before it
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [["rollout.allocator=trace", "algo.advantage=tree_grpo"], ["rollout.allocator=dapo"]])
+def test_allocators_that_plan_across_prompts_make_one_plan_on_two_ranks(tmp_path, method):
+    """TRACE (a pool, Stage 1 / Stage 2 from the shared predictor) and DAPO (refills) on a warm start that
+    solves some questions: every step, the ranks' plans are compared (a mismatch stops the run)."""
+    sys.path.insert(0, str(REPO / "tests" / "golden"))
+    from update_golden import BASE  # a warm start with mixed outcomes
+
+    cmd = [*TORCHRUN, "-m", "tracerl.cli", "train", *BASE, *method, "rollout.prompts_per_step=3", "predictor.warmup=1",
+           "trainer.steps=3", "trainer.eval_every=0", "trainer.eval_size=4", "trainer.tensorboard=false",
+           "run.threads=1", f"run.dir={tmp_path / 'r'}"]
+    out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert len(rows) == 3 and any(0 < r["reward_mean"] < 1 for r in rows)  # outcomes to allocate on
+    if "rollout.allocator=trace" in method:
+        assert rows[-1]["predictor_warm"] == 1.0 and all(r["continuations"] > 0 for r in rows)
+        assert all(r["pool_size"] == 6 for r in rows)  # ceil(2 · 3): the pool, once, not per rank
+
+
 # ---------------------------------------------------------------- in-process pieces
 
 
@@ -188,12 +208,3 @@ def test_metrics_add_counts_take_the_slowest_time_and_weight_means_by_leaves():
     assert out == {"gen_tokens": 15.0, "leaves": 4.0, "em": 0.75, "rollout_s": 3.0, "grad_norm": 0.5}
 
 
-def test_allocators_that_plan_across_prompts_are_refused_on_several_ranks():
-    from tracerl.config import ConfigError, load_config
-    from tracerl.methods import check_methods
-
-    cfg = load_config(None, ["rollout.allocator=trace", "algo.advantage=tree_grpo"])
-    check_methods(cfg, 1)
-    with pytest.raises(ConfigError, match="does not run under torchrun yet"):
-        check_methods(cfg, 2)
-    check_methods(load_config(None, ["rollout.allocator=tree_grpo"]), 2)

@@ -58,17 +58,11 @@ def test_gpu_config_loads_on_cuda(path):
     check_methods(cfg)  # method names and combinations, as `tracerl train` checks them before building anything
 
 
-def test_gpu_configs_say_which_run_distributed():
-    """tree_grpo runs under torchrun; TRACE does not yet, as its header says. If this starts failing for
-    TRACE, TRACE became distributed: update the header of configs/gpu/trace_qwen3_8b.yaml."""
-    from tracerl.config import ConfigError, load_config
-    from tracerl.methods import check_methods
-
-    check_methods(load_config(REPO / "configs/gpu/tree_grpo_qwen2.5_3b.yaml", []), world_size=8)
-    trace = REPO / "configs/gpu/trace_qwen3_8b.yaml"
-    assert "NOT DISTRIBUTED YET" in trace.read_text()
-    with pytest.raises(ConfigError, match="rollout.allocator=trace"):
-        check_methods(load_config(trace, []), world_size=8)
+def test_gpu_configs_give_their_launch_commands():
+    """Every GPU preset's header says how to launch it on one 8-GPU node and on two nodes."""
+    for path in GPU_CONFIGS:
+        text = path.read_text()
+        assert "--nproc-per-node 8" in text and "--nnodes 2" in text and "--auto-resume" in text, path.name
 
 
 def test_smoke_script_parses():

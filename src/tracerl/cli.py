@@ -50,10 +50,16 @@ def cmd_train(args) -> int:
         return 0
     run_dir, result = train(None if args.resume else _config_path(args.config), args.overrides,
                             resume=args.resume, overwrite=args.overwrite, auto_resume=args.auto_resume)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports
-        return 0
-    print(f"run directory: {run_dir}")
-    print("final validation: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, (int, float))))
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 reports
+        print(f"run directory: {run_dir}")
+        print("final validation: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, (int, float))))
+    if distributed:
+        # The run is complete and on disk; leave without the interpreter's teardown, in which the
+        # process group's native threads can abort the process (seen with gloo) and fail the launch.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -292,7 +292,9 @@ class Torchrun:
         self._call("loading the optimizer state", set_optimizer_state_dict, model, optimizer, named, options=opts)
 
     def close(self) -> None:
+        """Leave together: a rank that tears its group down while another still talks to it can abort."""
         if self.dist.is_initialized():
+            self.barrier()
             self.dist.destroy_process_group()
 
 

@@ -16,9 +16,8 @@ NAMED = (("rollout.allocator", ALLOCATORS), ("algo.advantage", ADVANTAGES), ("al
          ("algo.aggregation", AGGREGATIONS), ("algo.kl_estimator", KL_ESTIMATORS), ("credit.name", CREDIT))
 
 
-def check_methods(cfg: Config, world_size: int = 1) -> None:
-    """One-line ConfigError for an unknown method name or a combination that cannot work (on
-    `world_size` ranks)."""
+def check_methods(cfg: Config) -> None:
+    """One-line ConfigError for an unknown method name or a combination that cannot work."""
     for key, registry in NAMED:
         section, field = key.split(".")
         name = getattr(getattr(cfg, section), field)
@@ -30,10 +29,6 @@ def check_methods(cfg: Config, world_size: int = 1) -> None:
         chain_estimators = ", ".join(ADVANTAGES.having(needs_trees=False))
         raise ConfigError(f"algo.advantage={adv} needs tree rollouts; set rollout.allocator to one of "
                           f"{tree_allocators} (or use {chain_estimators})")
-    if world_size > 1 and not ALLOCATORS.trait(alloc, "per_prompt"):
-        raise ConfigError(f"rollout.allocator={alloc} plans across prompts and does not run under torchrun yet "
-                          f"({world_size} ranks); use one of {', '.join(ALLOCATORS.having(per_prompt=True))}, "
-                          "or run it in one process")
     check = ALLOCATORS.trait(alloc, "check")
     if check is not None:
         problem = check(cfg.rollout, cfg.alloc)

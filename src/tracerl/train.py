@@ -19,6 +19,7 @@ Generation then runs on an unsharded copy of the policy, reloaded after every up
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -32,6 +33,7 @@ from tracerl.algos.advantages import tree_advantages
 from tracerl.algos.metrics import effective_ratio, zero_advantage_fraction
 from tracerl.allocate import ALLOCATORS, AllocationContext
 from tracerl.allocate.predictor import SuccessPredictor, TextEncoder
+from tracerl.allocate.sharded import ShardedEngine, ShardedPredictor, fingerprint, owner
 from tracerl.backends.hf import HFPolicy, SamplingParams
 from tracerl.checkpoint import (latest_checkpoint, load_tensors, read_optimizer, read_state, save_checkpoint,
                                 save_tensors, set_rng_state)
@@ -39,7 +41,7 @@ from tracerl.config import Config, dump_config, load_config
 from tracerl.credit import CreditStep, TokenCredit, write_samples
 from tracerl.credit.attention import SUPPORTED_MODEL_TYPES
 from tracerl.distill import Distiller
-from tracerl.distributed import World, connect, launched_rank, launched_size
+from tracerl.distributed import World, connect, launched_rank
 from tracerl.errors import CheckpointError, DataError, TracerlError
 from tracerl.evaluate import evaluate, summarize
 from tracerl.methods import check_methods
@@ -57,7 +59,7 @@ TOTALS = ("cum_gen_tokens", "cum_trajectories", "cum_tool_calls")
 # the same on every rank (the global gradient norm, the schedule) come from rank 0, the rest are means
 # weighted by each rank's leaves.
 SUMMED = {"gen_tokens", "prefill_tokens", "prefill_saved", "tool_calls", "trajectories", "continuations",
-          "root_rollouts", "leaves", "trained_trajectories", "prompts_used", "pool_size", "train_tokens",
+          "root_rollouts", "leaves", "trained_trajectories", "prompts_used", "train_tokens",
           "train_tokens_per_leaf", "loss"}
 SLOWEST = {"rollout_s", "update_s", "credit_s", "predictor_s", "sync_s", "gpu_mem_gib"}
 SHARED = {"lr", "grad_norm"}
@@ -106,7 +108,7 @@ class Trainer:
         cfg = self.cfg
         if (self.world.rank if self.world is not None else launched_rank()) != 0:
             self.log = lambda *a, **k: None
-        check_methods(cfg, self.world.size if self.world is not None else launched_size())
+        check_methods(cfg)
         apply_threads(cfg)
         # The initial policy before the process group: an SFT warm start trained here is saved by
         # transformers, which writes files from rank 0 only once a group exists; until then ranks take
@@ -224,7 +226,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.start_step, self.totals = state["step"], state["totals"]
         self.prompt_stats = dict(state.get("prompt_stats", {}))
-        saved = load_tensors(ckpt, "predictor")
+        saved = self.world.broadcast(load_tensors(ckpt, "predictor") if self.world.is_main else None)
         if self.predictor is not None:
             if saved is None:
                 raise CheckpointError(f"checkpoint {ckpt} has no predictor state, but rollout.allocator="
@@ -256,20 +258,40 @@ class Trainer:
         return draw
 
     def rollout(self, step: int) -> tuple[list[RolloutTree], RolloutCost]:
-        """The step's rollout trees (chains are trees whose leaves all hang from the root).
-        `self.alloc_info` gets the allocation's own metrics (pool size, allocator extras)."""
+        """The step's rollout trees (chains are trees whose leaves all hang from the root) and this
+        process's generation cost. `self.alloc_info` gets the allocation's own metrics (pool size,
+        allocator extras). Under torchrun every rank plans the whole step and holds every tree, but
+        generates only its own (`allocate/sharded.py`)."""
         r, seed, rank = self.cfg.rollout, self.cfg.run.seed, self.world.rank
         params = SamplingParams(r.max_turn_tokens, r.temperature, r.top_p, tuple(self.env.stop_strings))
         engine = RolloutEngine(self.policy, self.env, params, seeding.generator(seed, step, "rollout", rank),
                                self.cfg.model.chat_template, r.batch_size, capture_hidden=self.predictor is not None)
-        tasks = self.world.share(self.sample_tasks(step))  # under torchrun: this rank's prompts
-        ctx = AllocationContext(engine, r, seeding.rng(seed, step, "allocator", rank), self.cfg.alloc, self.predictor,
+        predictor = self.predictor
+        if self.world.size > 1:
+            engine = ShardedEngine(engine, self.world)
+            predictor = ShardedPredictor(predictor, self.world) if predictor is not None else None
+        tasks = self.sample_tasks(step)
+        ctx = AllocationContext(engine, r, seeding.rng(seed, step, "allocator"), self.cfg.alloc, predictor,
                                 self.prompt_stats, self._drawer(step, tasks))
         trees = ALLOCATORS.get(r.allocator)(ctx, tasks)
         for t in trees:
             t.update_stats()
+        if self.world.size > 1:
+            self._check_same_plan(trees, step)
         self.alloc_info = {"pool_size": float(len(tasks) + ctx.drawn), **ctx.metrics}
         return trees, engine.cost
+
+    def _check_same_plan(self, trees: list[RolloutTree], step: int) -> None:
+        """Under torchrun: every rank must have taken the same allocation decisions."""
+        digest = hashlib.sha256(repr(fingerprint(trees)).encode()).hexdigest()
+        digests = self.world.gather(digest)
+        if len(set(digests)) > 1:
+            raise TracerlError(f"step {step + 1}: the ranks' allocation plans differ ({len(set(digests))} versions); "
+                               "the allocator must decide from the shared trees and random stream only")
+
+    def _mine(self, tree: RolloutTree) -> bool:
+        """Whether this rank trains `tree` (always, in one process)."""
+        return owner(tree.group, self.world.size) == self.world.rank
 
     # ---------------------------------------------------------------- update
     def lr_at(self, step: int) -> float:
@@ -405,8 +427,10 @@ class Trainer:
         for tree, leaf_adv in zip(trees, adv):
             for leaf, v in leaf_adv.items():
                 tree.nodes[leaf].advantage = v
-        metrics = self._rollout_metrics(trees, adv)
-        kept = self._kept(trees, adv)
+        own = [k for k, t in enumerate(trees) if self._mine(t)]  # under torchrun: the trees this rank trains
+        own_trees, own_adv = [trees[k] for k in own], [adv[k] for k in own]
+        metrics = self._rollout_metrics(own_trees, own_adv) if own_trees else {"leaves": 0.0}
+        kept = self._kept(own_trees, own_adv)
         every = self.cfg.trainer.tree_log_every
         log_now = bool(every) and (step + 1) % every == 0
         credit_s = 0.0
@@ -420,10 +444,10 @@ class Trainer:
                 credit_s = result.metrics["credit_s"]  # spent inside the update: not counted in update_s
                 if result.samples and self.world.is_main:
                     write_samples(result.samples, rundir.credit_file(self.run_dir, step + 1))
-        if log_now and self.world.is_main:  # under torchrun: the trees of rank 0's prompts
+        if log_now and self.world.is_main:
             write_jsonl(trees, rundir.trees_file(self.run_dir, step + 1), {"step": step + 1})
         metrics.update(trained_trajectories=sum(len(la) for _, la in kept), lr=self.lr_at(step),
-                       **self._cost_metrics(cost), prompts_used=len({t.group for t in trees}), **self.alloc_info,
+                       **self._cost_metrics(cost), prompts_used=len({t.group for t in own_trees}), **self.alloc_info,
                        **predictor_metrics, rollout_s=t1 - t0 - t_pred, update_s=time.time() - t1 - credit_s)
         if self.predictor is not None:
             metrics["predictor_s"] = t_pred
@@ -464,17 +488,15 @@ class Trainer:
                     root_rollouts=cost.trajectories - cost.continuations)
 
     def _update_prompt_stats(self, trees: list[RolloutTree]) -> None:
-        """Latest empirical success rate of every prompt of the step (Knapsack-style allocation), on
-        every rank."""
+        """Latest empirical success rate of every prompt of the step (Knapsack-style allocation)."""
         counts: dict[str, list[int]] = {}
         for t in trees:
             c = counts.setdefault(t.task.id, [0, 0])
             c[0] += t.root.successes
             c[1] += t.root.leaves
-        for part in self.world.gather(counts) if self.world.size > 1 else [counts]:
-            for task_id, (succ, leaves) in part.items():
-                if leaves:
-                    self.prompt_stats[task_id] = succ / leaves
+        for task_id, (succ, leaves) in counts.items():
+            if leaves:
+                self.prompt_stats[task_id] = succ / leaves
 
     # ---------------------------------------------------------------- loop
     def evaluate(self, step: int, split: str = "validation") -> dict[str, float]:

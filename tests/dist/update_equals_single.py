@@ -12,6 +12,7 @@ and exits non-zero on a mismatch.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -115,4 +116,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)  # as tracerl.cli does under torchrun: no interpreter teardown of the process group

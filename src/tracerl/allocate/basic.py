@@ -55,11 +55,9 @@ class AllocationContext:
 Allocator = Callable[[AllocationContext, list[Task]], list[RolloutTree]]
 # Traits: uses_predictor — it reads `ctx.predictor` (the trainer then builds and trains one);
 # makes_trees — its trees branch below the root (tree estimators need that); check — a function
-# (RolloutConfig, AllocConfig) -> a one-line problem or None, run before training starts; per_prompt —
-# it plans each prompt on its own (no budget, pool or predictor shared across prompts), so under torchrun
-# every rank can roll out its share of the prompts and the union is the plan of one process.
+# (RolloutConfig, AllocConfig) -> a one-line problem or None, run before training starts.
 ALLOCATORS: Registry[Allocator] = Registry("allocator", traits={"uses_predictor": False, "makes_trees": False,
-                                                                  "check": None, "per_prompt": False})
+                                                                  "check": None})
 
 
 def check_tree_shape(m: int, n: int, l: int, k: int | None) -> None:
@@ -79,7 +77,7 @@ def _prompt_tokens(trees: list[RolloutTree]) -> dict[int, int]:
     return used
 
 
-@ALLOCATORS.register("uniform", per_prompt=True)
+@ALLOCATORS.register("uniform")
 def uniform(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
     """GRPO: G chains from each prompt's root (one tree per prompt whose leaves are all root children).
 
@@ -105,7 +103,7 @@ def uniform(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
     return trees
 
 
-@ALLOCATORS.register("tree_grpo", makes_trees=True, per_prompt=True)
+@ALLOCATORS.register("tree_grpo", makes_trees=True)
 def tree_grpo(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
     """Tree-GRPO (arXiv 2509.21240): M trees per prompt, each seeded by one chain; L rounds in which
     N nodes per tree are drawn uniformly with replacement from the root and its non-leaf nodes and
