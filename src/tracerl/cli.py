@@ -49,7 +49,8 @@ def cmd_train(args) -> int:
             print(f"{key:34s} {default:>16s}  {doc}")
         return 0
     run_dir, result = train(None if args.resume else _config_path(args.config), args.overrides,
-                            resume=args.resume, overwrite=args.overwrite, auto_resume=args.auto_resume)
+                            resume=args.resume, overwrite=args.overwrite, auto_resume=args.auto_resume,
+                            allow_change=args.allow_change)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 reports
         print(f"run directory: {run_dir}")
@@ -260,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--auto-resume", action="store_true",
                    help="resume the config's run directory from its last complete checkpoint if it has one, else "
                         "start it (for torchrun --max-restarts)")
+    t.add_argument("--allow-change", action="store_true",
+                   help="let --resume change result-changing keys (seed, lr, …); changes go to config_history.jsonl")
     t.add_argument("--help-config", action="store_true", help="list every config key with its default and doc")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=1e-5")
     t.set_defaults(fn=cmd_train)

@@ -27,6 +27,14 @@ class Section(BaseModel):
 
 class RunConfig(Section):
     name: str = Field("quickstart", description="Run name; the run directory is out_dir/name unless run.dir is set.")
+
+    @field_validator("name")
+    @classmethod
+    def _one_directory_name(cls, v: str) -> str:
+        if not v.strip() or v in (".", "..") or "/" in v or "\\" in v:
+            raise ValueError(f"run.name must be one non-empty directory name, got {v!r}")
+        return v
+
     out_dir: str = Field("runs", description="Parent directory of run directories.")
     dir: str | None = Field(None, description="Explicit run directory (overrides out_dir/name).")
     seed: int = Field(0, description="Seed for data order, sampling and initialisation.")

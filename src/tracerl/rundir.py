@@ -12,6 +12,9 @@
       checkpoints/step_XXXXXX/  model/ + optimizer + trainer state            CHECKPOINT_DIR (checkpoint.py)
       trees/step_XXXXXX.jsonl   rollout trees logged at that step             TREES_DIR, trees_file
       credit/step_XXXXXX.jsonl  token-credit samples logged at that step      CREDIT_DIR, credit_file
+      config_history.jsonl      what each resume changed in the config         CONFIG_HISTORY_FILE (resume_rules.py)
+      .tracerl-run              written at creation: what --overwrite may clear  RUN_MARKER
+      .tracerl.lock (+ .json)   held by the one process training here (owner)  LOCK_FILE, RunLock
 
 The writers (train, checkpoint, runlog, tree, credit) and the readers (`tracerl.report.rundir`) share
 these names from here: this module imports nothing of tracerl, so the training path never imports the
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 CONFIG_FILE = "config.yaml"
+CONFIG_HISTORY_FILE = "config_history.jsonl"  # one line per resume that changed the config (tracerl.resume_rules)
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
 FINAL_EVAL_FILE = "final_eval.json"
@@ -39,6 +43,10 @@ CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_MODEL_DIR = "model"  # inside a checkpoint: the policy as a Hugging Face directory
 TREES_DIR = "trees"
 CREDIT_DIR = "credit"
+RUN_MARKER = ".tracerl-run"
+LOCK_FILE = ".tracerl.lock"
+LOCK_OWNER_FILE = ".tracerl.lock.json"
+LOCK_FILES = (LOCK_FILE, LOCK_OWNER_FILE)
 
 
 def step_name(step: int) -> str:
@@ -124,3 +132,77 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ ownership
+
+
+class RunDirError(RuntimeError):
+    """The run directory is in use by another process, or is not a tracerl run (one line)."""
+
+
+class RunLock:
+    """The one process that trains in a run directory holds `LOCK_FILE` (an OS file lock through
+    `filelock`: the kernel releases it when the process dies, so a dead owner never blocks the next run)
+    and records who it is in `LOCK_OWNER_FILE` (pid, host, start time) for the message others get."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        import filelock  # here: only training takes the lock
+
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = filelock.FileLock(str(self.run_dir / LOCK_FILE), timeout=0)
+        try:
+            self._lock.acquire()
+        except filelock.Timeout:
+            raise RunDirError(f"run directory {self.run_dir} is in use by {self._owner()}; wait for it to end or "
+                              "choose another run.name") from None
+        import json
+        import socket
+        import time
+
+        atomic_write_text(self.run_dir / LOCK_OWNER_FILE, json.dumps(
+            {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+
+    def _owner(self) -> str:
+        import json
+
+        try:
+            o = json.loads((self.run_dir / LOCK_OWNER_FILE).read_text())
+            return f"process {o['pid']} on {o['host']} (since {o['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+    def release(self) -> None:
+        if self._lock.is_locked:
+            (self.run_dir / LOCK_OWNER_FILE).unlink(missing_ok=True)
+            self._lock.release()
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a tracerl run: it has the marker, or (runs made before the marker) a config and
+    a metrics file or a checkpoint directory."""
+    p = Path(path)
+    return (p / RUN_MARKER).is_file() or ((p / CONFIG_FILE).is_file()
+                                          and ((p / METRICS_FILE).is_file() or (p / CHECKPOINT_DIR).is_dir()))
+
+
+def run_dir_entries(path: str | os.PathLike) -> list[Path]:
+    """What a directory holds besides the lock files."""
+    p = Path(path)
+    return [e for e in p.iterdir() if e.name not in LOCK_FILES] if p.is_dir() else []
+
+
+def clear_run_dir(path: str | os.PathLike) -> None:
+    """Empty a tracerl run directory for --overwrite (the lock files stay: the caller holds the lock);
+    anything that is not a tracerl run is refused and left as it is."""
+    entries = run_dir_entries(path)
+    if entries and not is_run_dir(path):
+        names = ", ".join(sorted(e.name for e in entries)[:5]) + (", ..." if len(entries) > 5 else "")
+        raise RunDirError(f"--overwrite refused: {path} is not a tracerl run directory (it holds {names} and no "
+                          f"{RUN_MARKER}); remove it yourself or choose another run.name / run.dir")
+    for e in entries:
+        if e.is_dir() and not e.is_symlink():
+            shutil.rmtree(e)
+        else:
+            e.unlink()

@@ -22,13 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from tracerl import rundir, seeding
+from tracerl import resume_rules, rundir, seeding
 from tracerl.algos.advantages import tree_advantages
 from tracerl.algos.metrics import effective_ratio, zero_advantage_fraction
 from tracerl.allocate import ALLOCATORS, AllocationContext
@@ -37,7 +36,7 @@ from tracerl.allocate.sharded import ShardedEngine, ShardedPredictor, fingerprin
 from tracerl.backends.hf import HFPolicy, SamplingParams
 from tracerl.checkpoint import (latest_checkpoint, load_tensors, read_optimizer, read_state, save_checkpoint,
                                 save_tensors, set_rng_state)
-from tracerl.config import Config, dump_config, load_config
+from tracerl.config import Config, ConfigError, dump_config, load_config
 from tracerl.credit import CreditStep, TokenCredit, write_samples
 from tracerl.credit.attention import SUPPORTED_MODEL_TYPES
 from tracerl.distill import Distiller
@@ -102,6 +101,8 @@ class Trainer:
         self.resume_dir = resume
         self.overwrite = overwrite
         self.world = world
+        self._lock = None  # the run directory's lock (rank 0), from setup until the run ends
+        self.config_changes: dict = {}  # what this resume changes against its checkpoint (tracerl.resume_rules)
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -117,8 +118,15 @@ class Trainer:
         if self.world is None:
             self.world = connect(cfg.run.device, cfg.run.dist_timeout_s)
         self.run_dir = Path(self.resume_dir) if self.resume_dir is not None else cfg.run_dir()
-        if self.resume_dir is None:
-            self._on_main("creating the run directory", self._make_run_dir)
+        self._on_main("taking the run directory", self._take_run_dir)
+        self.checkpoint = None  # the checkpoint a resume continues from (chosen by rank 0)
+        if self.resume_dir is not None:
+            found = latest_checkpoint(self.run_dir / rundir.CHECKPOINT_DIR) if self.world.is_main else None
+            self.checkpoint = self.world.broadcast(str(found) if found is not None else None)
+            if self.checkpoint is None:
+                raise CheckpointError(f"no complete checkpoint under {self.run_dir / rundir.CHECKPOINT_DIR}; "
+                                      "cannot resume")
+            self.checkpoint = Path(self.checkpoint)
         self._setup_data()
         self._setup_model()
         self.credit = TokenCredit(cfg.credit, self.model, self.tokenizer, cfg.run.seed)  # identity unless credit.name is set
@@ -151,13 +159,34 @@ class Trainer:
             if message is not None:
                 raise TracerlError(f"rank {self.world.rank}: rank 0 failed {what}: {message}")
 
-    def _make_run_dir(self) -> None:
-        if self.run_dir.exists() and any(self.run_dir.iterdir()):
-            if not self.overwrite:
-                raise TracerlError(f"run directory {self.run_dir} is not empty; pass --resume {self.run_dir}, "
-                                   "--overwrite, or another run.name")
-            shutil.rmtree(self.run_dir)
-        rundir.atomic_write_text(self.run_dir / rundir.CONFIG_FILE, dump_config(self.cfg))
+    def _take_run_dir(self) -> None:
+        """Lock the run directory (one training process per run; read-only commands need no lock); a new
+        run then starts in an empty directory, or clears a tracerl run with --overwrite, never anything else."""
+        try:
+            self._lock = rundir.RunLock(self.run_dir)
+            if self.resume_dir is not None:
+                ckpt = latest_checkpoint(self.run_dir / rundir.CHECKPOINT_DIR)
+                if ckpt is not None:
+                    resume_rules.record(self.run_dir, self.cfg, self.config_changes, read_state(ckpt)["step"])
+                return
+            if rundir.run_dir_entries(self.run_dir):
+                if not self.overwrite:
+                    raise TracerlError(f"run directory {self.run_dir} is not empty; pass --resume {self.run_dir}, "
+                                       "--overwrite, or another run.name")
+                rundir.clear_run_dir(self.run_dir)
+            rundir.atomic_write_text(self.run_dir / rundir.RUN_MARKER, "a tracerl run directory (tracerl train)\n")
+            rundir.atomic_write_text(self.run_dir / rundir.CONFIG_FILE, dump_config(self.cfg))
+        except BaseException as e:
+            self.release()
+            if isinstance(e, rundir.RunDirError):
+                raise TracerlError(str(e)) from None
+            raise
+
+    def release(self) -> None:
+        """Let another process train in this run directory (also done by the OS when this one exits)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _setup_data(self) -> None:
         cfg = self.cfg
@@ -174,6 +203,8 @@ class Trainer:
         dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
         device = self.world.device
         self.model, self.tokenizer = load_policy(self.model_path, dtype=dtype)
+        if self.checkpoint is not None:  # a resume samples with the tokenizer its checkpoint trained with
+            self.tokenizer = self._checkpoint_tokenizer()
         self.model.to(device)
         # The frozen reference is replicated (unsharded) on every rank: it only runs forwards, so its
         # passes need no collective and ranks may run different numbers of them.
@@ -210,11 +241,25 @@ class Trainer:
             self.predictor = SuccessPredictor(cfg.predictor, self.model.config.hidden_size, cfg.env.max_turns,
                                               cfg.run.seed, text)
 
+    def _checkpoint_tokenizer(self):
+        """The checkpoint's tokenizer, read by rank 0 and sent to every rank (other nodes may not see the
+        run directory)."""
+        import tempfile
+
+        from transformers import AutoTokenizer
+
+        src = self.checkpoint / rundir.CHECKPOINT_MODEL_DIR
+        files = {f.name: f.read_bytes() for f in src.iterdir() if f.is_file() and f.suffix != ".safetensors"} \
+            if self.world.is_main else None
+        files = self.world.broadcast(files)
+        with tempfile.TemporaryDirectory(prefix="tracerl-tokenizer-") as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(data)
+            return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+
     def _restore(self) -> None:
-        """The last complete checkpoint, read by rank 0 and sent to every rank (any world size)."""
-        ckpt = latest_checkpoint(self.run_dir / rundir.CHECKPOINT_DIR)
-        if ckpt is None:
-            raise CheckpointError(f"no complete checkpoint under {self.run_dir / rundir.CHECKPOINT_DIR}; cannot resume")
+        """The chosen checkpoint, read by rank 0 and sent to every rank (any world size)."""
+        ckpt = self.checkpoint
         state, weights, optim = None, None, None
         if self.world.is_main:
             state = read_state(ckpt)
@@ -522,11 +567,11 @@ class Trainer:
         self._on_main("writing the checkpoint", self._write_checkpoint, step, optim)
 
     def _write_checkpoint(self, step: int, optim) -> None:
-        extra = None
-        if self.predictor is not None:
-            predictor = self.predictor
+        predictor, config = self.predictor, dump_config(self.cfg)
 
-            def extra(directory: Path) -> None:
+        def extra(directory: Path) -> None:  # the config it was trained under: what a resume compares with
+            (directory / rundir.CONFIG_FILE).write_text(config, encoding="utf-8")
+            if predictor is not None:
                 save_tensors(directory, "predictor", *predictor.state())
 
         model = self.gen_model if self.gen_model is not None else self.model
@@ -569,6 +614,7 @@ class Trainer:
             last_eval = self.evaluate(t.steps)
         self.logger.close()
         self._on_main("writing the report", self._finish, last_eval)
+        self.release()
         return last_eval
 
     def _finish(self, result: dict[str, float]) -> None:
@@ -579,25 +625,53 @@ class Trainer:
 
 
 def train(config_path: str | None, overrides: list[str], resume: str | None = None, overwrite: bool = False,
-          log=print, auto_resume: bool = False) -> tuple[Path, dict[str, float]]:
+          log=print, auto_resume: bool = False, allow_change: bool = False) -> tuple[Path, dict[str, float]]:
     """`auto_resume`: resume the config's run directory if it holds a complete checkpoint, else start it
     (replacing a previous attempt that stopped before its first checkpoint) — what a restarted torchrun
-    worker group runs."""
+    worker group runs. A resume checks its overrides against the checkpoint's config (`tracerl.resume_rules`);
+    `allow_change` lets result-changing keys change."""
     if auto_resume and not resume:
         run_dir = load_config(config_path, overrides).run_dir()
         if latest_checkpoint(run_dir / rundir.CHECKPOINT_DIR) is not None:
             resume = str(run_dir)
         elif (run_dir / rundir.CONFIG_FILE).is_file():
             overwrite = True
+    changed: dict = {}
     if resume:
-        cfg_file = Path(resume) / rundir.CONFIG_FILE
-        if not cfg_file.is_file():
-            raise CheckpointError(f"{resume} is not a run directory (no {rundir.CONFIG_FILE})")
-        cfg = load_config(cfg_file, overrides)
+        cfg, changed = resume_config(Path(resume), overrides, allow_change, log)
     else:
         cfg = load_config(config_path, overrides)
     trainer = Trainer(cfg, Path(resume) if resume else None, overwrite, log)
+    trainer.config_changes = changed
     trainer.setup()
     result = trainer.train()
     trainer.world.close()  # after an error the process exits (torchrun then stops the other ranks)
     return trainer.run_dir, result
+
+
+def resume_config(run: Path, overrides: list[str], allow_change: bool, log=print) -> tuple[Config, dict]:
+    """The config a resume of `run` follows (the run's config.yaml + `overrides`) and what it changes against
+    the config its latest checkpoint was written under; refused (one line) where `tracerl.resume_rules` says so.
+    A damaged config.yaml falls back to the checkpoint's copy, with a warning."""
+    cfg_file = run / rundir.CONFIG_FILE
+    if not cfg_file.is_file() and not run.is_dir():
+        raise CheckpointError(f"{run} is not a run directory (it does not exist)")
+    ckpt = latest_checkpoint(run / rundir.CHECKPOINT_DIR)
+    saved = ckpt / rundir.CONFIG_FILE if ckpt is not None and (ckpt / rundir.CONFIG_FILE).is_file() else None
+    try:
+        if not cfg_file.is_file():
+            raise ConfigError(f"{run} is not a run directory (no {rundir.CONFIG_FILE})")
+        resume_rules.read_run_config(cfg_file)
+        base = cfg_file
+    except ConfigError as e:
+        if saved is None:
+            raise
+        log(f"warning: {e}; using the copy in {ckpt.name}")
+        base = saved
+    cfg = load_config(base, overrides)
+    if saved is not None:
+        resume_rules.read_run_config(saved)
+    ref = saved or base  # checkpoints written before they held their config: the run's config.yaml
+    diff = resume_rules.changes(load_config(ref), cfg)
+    resume_rules.check_changes(diff, cfg, allow_change, f"the config of {ckpt or run}")
+    return cfg, diff
