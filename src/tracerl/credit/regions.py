@@ -17,13 +17,13 @@ multi-byte character split over tokens can shift a boundary by one token, never 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+from tracerl.envs.tags import tag_spans
+
 _BOXED = "\\boxed{"
 
 
@@ -79,10 +79,12 @@ def _boxed_span(text: str) -> tuple[int, int] | None:
 def answer_span(text: str) -> tuple[int, int] | None:
     """Character span of the final answer in a turn's text: the last <answer> content (its tags
     if it is empty), else the last \\boxed{} content; None if there is none."""
-    found = list(_ANSWER.finditer(text))
-    if found:
-        m = found[-1]
-        return (m.start(1), m.end(1)) if m.end(1) > m.start(1) else (m.start(), m.end())
+    last = None
+    for last in tag_spans(text, "answer"):
+        pass
+    if last is not None:
+        start, a, b, end = last
+        return (a, b) if b > a else (start, end)
     return _boxed_span(text)
 
 

@@ -32,6 +32,7 @@ import torch
 from tracerl.backends.hf import HFPolicy, SamplingParams
 from tracerl.envs.answers import normalize_answer
 from tracerl.envs.base import Environment, Task
+from tracerl.envs.tags import tag_spans
 from tracerl.distill.spans import ResponseText
 from tracerl.registry import Registry
 
@@ -76,16 +77,14 @@ RULES: Registry[Callable[[AnnotationItem], Annotation]] = Registry("rule annotat
 
 # ------------------------------------------------------------------------------------------ rules
 _THINK_END = "</think>"
-_SEARCH = re.compile(r"<search>(.*?)</search>", re.DOTALL)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _NUMBER = re.compile(r"-?\d+")
 _EQUATION = re.compile(r"(-?\d+)\s*([-+*/x×÷])\s*(-?\d+)\s*=\s*(-?\d+)")
 
 
-def _inner(m: re.Match, offset: int) -> tuple[int, int]:
-    """The whitespace-stripped group 1 of a tag match, as absolute character offsets."""
-    a, b = m.span(1)
-    body = m.group(1)
+def _inner(text: str, span: tuple[int, int, int, int], offset: int) -> tuple[int, int]:
+    """The whitespace-stripped inside of a tag pair (`tag_spans`), as absolute character offsets."""
+    a, b = span[1], span[2]
+    body = text[a:b]
     a += len(body) - len(body.lstrip())
     b -= len(body) - len(body.rstrip())
     return offset + a, offset + max(a, b)
@@ -98,11 +97,11 @@ def turn_action(text: str, start: int, end: int) -> tuple[str, tuple[int, int]] 
     body_at = seg.rfind(_THINK_END)
     body_at = 0 if body_at < 0 else body_at + len(_THINK_END)
     body = seg[body_at:]
-    s, a = _SEARCH.search(body), _ANSWER.search(body)
+    s, a = next(tag_spans(body, "search"), None), next(tag_spans(body, "answer"), None)
     if (s is None) == (a is None):
         return None
-    kind, m = ("search", s) if s is not None else ("answer", a)
-    return kind, _inner(m, start + body_at)
+    kind, span = ("search", s) if s is not None else ("answer", a)
+    return kind, _inner(body, span, start + body_at)
 
 
 @RULES.register("multihop")

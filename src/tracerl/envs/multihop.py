@@ -12,11 +12,11 @@ from __future__ import annotations
 import copy
 import functools
 import random
-import re
 from typing import Any, Callable
 
 from tracerl.envs.answers import exact_match, f1_score
 from tracerl.envs.base import StepResult, Task
+from tracerl.envs.tags import strip_think, tag_body
 from tracerl.envs.world import RELATIONS, SPLITS, WorldConfig, build_world, with_articles
 
 INSTRUCTION = (
@@ -33,29 +33,24 @@ FORMAT_MESSAGES = {
     "too_long": "Invalid turn: it was too long. Think briefly, then search or answer.",
 }
 
-_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
-_SEARCH = re.compile(r"<search>(.*?)</search>", re.DOTALL)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-
-
 def parse_turn(text: str, truncated: bool = False, max_chars: int | None = None) -> tuple[str, str]:
     """Classify a turn as ("search", query), ("answer", text) or ("invalid", format error kind)."""
     if truncated or (max_chars is not None and len(text) > max_chars):
         return "invalid", "too_long"
     # Tags mentioned while thinking are not actions; a missing think block is tolerated.
-    body = _THINK.sub(" ", text)
+    body = strip_think(text)
     has_search, has_answer = "<search>" in body, "<answer>" in body
     if has_search and has_answer:
         return "invalid", "both_tags"
     if has_search:
-        m = _SEARCH.search(body)
-        if m is None:
+        inside = tag_body(body, "search")
+        if inside is None:
             return "invalid", "unclosed_tag"
-        query = " ".join(m.group(1).split())
+        query = " ".join(inside.split())
         return ("search", query) if query else ("invalid", "empty_query")
     if has_answer:
-        m = _ANSWER.search(body)
-        return ("answer", m.group(1).strip()) if m else ("invalid", "unclosed_tag")
+        inside = tag_body(body, "answer")
+        return ("answer", inside.strip()) if inside is not None else ("invalid", "unclosed_tag")
     return "invalid", "no_action"
 
 
