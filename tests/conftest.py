@@ -64,3 +64,24 @@ def tiny_policy(small_env):
     tok = train_tokenizer(_corpus(small_env, demos), vocab_size=600)
     model = build_tiny_model(tok, hidden_size=64, num_layers=2, seed=0).eval()
     return HFPolicy(model, tok, "cpu", max_context=512)
+
+
+def assert_learned(run_dir) -> None:
+    """What a trainer test checks before it trusts equalities between runs: every step had a non-zero
+    gradient, and the last checkpoint's weights differ from the initial policy's."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tracerl.checkpoint import latest_checkpoint
+    from tracerl.runlog import read_jsonl
+
+    run_dir = Path(run_dir)
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert rows and all(r["grad_norm"] > 0 for r in rows), [r.get("grad_norm") for r in rows]
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    start = Path(json.loads((ckpt / "trainer_state.json").read_text())["model_path"]) / "model.safetensors"
+    before, after = load_file(str(start)), load_file(str(ckpt / "model" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the weights never moved"

@@ -17,13 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY_RUN
+from conftest import REPO, TINY_LEARNING, TINY_RUN, assert_learned
 from tracerl.distributed import Single, by_index, by_name, decoder_layers, lost_peer
 from tracerl.runlog import read_jsonl
 from tracerl.train import reduce_metrics
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-RUN = [*TINY_RUN, "trainer.tensorboard=false", "run.threads=1", "trainer.steps=6", "trainer.checkpoint_every=2",
+RUN = [*TINY_LEARNING, "trainer.tensorboard=false", "run.threads=1", "trainer.steps=6", "trainer.checkpoint_every=2",
        "trainer.eval_every=0", "trainer.keep_checkpoints=3"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
 
@@ -94,6 +94,7 @@ def test_a_killed_rank_restarts_and_the_run_ends_as_an_uninterrupted_one(tmp_pat
     assert "exitcode: -9" in log and "resumed from" in log, log[-4000:]  # torchrun saw the kill; the group resumed
 
     a, b = tmp_path / "whole", tmp_path / "killed"
+    assert_learned(a)
     assert _comparable(read_jsonl(a / "metrics.jsonl")) == _comparable(read_jsonl(b / "metrics.jsonl"))
     wa = load_file(str(a / "checkpoints" / "step_000006" / "model" / "model.safetensors"))
     wb = load_file(str(b / "checkpoints" / "step_000006" / "model" / "model.safetensors"))

@@ -103,3 +103,22 @@ def test_read_only_commands_work_while_a_run_trains(tmp_path):
     assert main(["report", str(run)]) == 0 and (run / rundir.REPORT_FILE).is_file()
     assert time.time() - t0 < 60
     lock.release()
+
+
+def test_a_failed_start_does_not_block_the_rerun(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+
+    def broken_data(self):
+        raise TracerlError("the data could not be read")
+
+    monkeypatch.setattr(Trainer, "_setup_data", broken_data)
+    with pytest.raises(TracerlError, match="could not be read"):
+        _trainer(run).setup()
+    assert rundir.never_started(run)  # it got as far as its marker and config
+    monkeypatch.undo()
+    tr = _trainer(run)  # the fixed command, without --overwrite
+    tr.setup()
+    tr.release()
+    (run / rundir.METRICS_FILE).write_text("{}\n")  # a run that has logged is never taken over
+    with pytest.raises(TracerlError, match="is not empty"):
+        _trainer(run).setup()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RUN
+from conftest import TINY_LEARNING, TINY_RUN, assert_learned
 from tracerl.errors import CheckpointError
 from tracerl.runlog import read_jsonl
 from tracerl.train import Trainer, train
@@ -33,8 +33,9 @@ def _cli(*args, cwd=None):
 @pytest.mark.slow
 def test_cli_train_eval_report(tmp_path):
     run = tmp_path / "run"
-    p = _cli("train", *TINY_RUN, f"run.dir={run}")
+    p = _cli("train", *TINY_LEARNING, f"run.dir={run}")
     assert p.returncode == 0, p.stderr[-2000:]
+    assert_learned(run)
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for key in ("reward_mean", "em", "effective_ratio", "zero_adv_frac", "gen_tokens", "prefill_tokens",
@@ -70,10 +71,18 @@ TRACE_RUN = ["rollout.allocator=trace", "algo.advantage=tree_grpo", "predictor.w
              "alloc.epsilon=0.5", "trainer.tree_log_every=2"]
 
 
+def _full_and_half(tmp_path, extra):
+    full, _ = train(None, [*TINY_LEARNING, *extra, f"run.dir={tmp_path / 'full'}"], log=lambda *_: None)
+    half, _ = train(None, [*TINY_LEARNING, *extra, f"run.dir={tmp_path / 'half'}", "trainer.steps=2"],
+                    log=lambda *_: None)
+    assert_learned(full)
+    assert_learned(half)
+    return full, half
+
+
 @pytest.mark.parametrize("extra", [[], TREE_RUN, TRACE_RUN], ids=["chains", "trees", "trace"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
-    full, _ = train(None, [*TINY_RUN, *extra, f"run.dir={tmp_path / 'full'}"], log=lambda *_: None)
-    half, _ = train(None, [*TINY_RUN, *extra, f"run.dir={tmp_path / 'half'}", "trainer.steps=2"], log=lambda *_: None)
+    full, half = _full_and_half(tmp_path, extra)
     # a crash after step 2 would also leave rows of step 3: resume must drop them
     with open(half / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "reward_mean": 0.5}) + "\n")
@@ -91,8 +100,28 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
         assert all(k in rows[-1] for k in ("predictor_loss", "predictor_brier", "predictor_ece", "prompts_used"))
 
 
+@pytest.mark.parametrize("skip", ["weights", "optimizer"])
+def test_the_resume_test_fails_when_restoring_is_disabled(tmp_path, monkeypatch, skip):
+    """The mutant check: the exact-resume comparison above catches a resume that restores the step and the
+    random state but not the weights, or not the optimizer's moments."""
+    from tracerl.distributed import Single
+
+    full, half = _full_and_half(tmp_path, [])
+
+    def broken(self, model, optimizer, weights, optim_state):
+        if skip != "weights":
+            model.load_state_dict(weights)
+        if skip != "optimizer":
+            optimizer.load_state_dict(optim_state)
+
+    monkeypatch.setattr(Single, "load_state", broken)
+    resumed, _ = train(None, ["trainer.steps=4"], resume=str(half), log=lambda *_: None)
+    assert [r["step"] for r in read_jsonl(resumed / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert _rows(resumed, "metrics.jsonl") != _rows(full, "metrics.jsonl")
+
+
 def test_full_disk_on_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    cfg = load_config(None, [*TINY_RUN, f"run.dir={tmp_path / 'r'}", "trainer.steps=2", "trainer.checkpoint_every=1"])
+    cfg = load_config(None, [*TINY_LEARNING, f"run.dir={tmp_path / 'r'}", "trainer.steps=2", "trainer.checkpoint_every=1"])
     tr = Trainer(cfg, log=lambda *_: None)
     tr.setup()
     tr.train_step(0)
@@ -134,9 +163,10 @@ def test_bad_config_file_and_resume_of_nothing(tmp_path):
 
 
 def test_single_turn_arith_environment_trains(tmp_path):
-    args = [a for a in TINY_RUN if not a.startswith("env.options.")]
+    args = [a for a in TINY_LEARNING if not a.startswith("env.options.")]
     run, res = train(None, [*args, "env.name=arith", "env.max_turns=1", "env.options={train_size: 120, validation_size: 16}",
                             f"run.dir={tmp_path / 'a'}", "trainer.steps=2"], log=lambda *_: None)
     rows = read_jsonl(run / "metrics.jsonl")
     assert len(rows) == 2 and all(r["mean_turns"] == 1.0 and r["tool_calls"] == 0 for r in rows)
+    assert all(r["grad_norm"] > 0 for r in rows)
     assert res["n"] == 8 and 0.0 <= res["em"] <= 1.0

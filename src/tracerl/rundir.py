@@ -187,6 +187,13 @@ def is_run_dir(path: str | os.PathLike) -> bool:
                                           and ((p / METRICS_FILE).is_file() or (p / CHECKPOINT_DIR).is_dir()))
 
 
+def never_started(path: str | os.PathLike) -> bool:
+    """Whether `path` is a run whose start failed before it logged anything (only its marker and config):
+    a rerun of the fixed command takes it over rather than being refused."""
+    names = {e.name for e in run_dir_entries(path)}
+    return RUN_MARKER in names and names <= {RUN_MARKER, CONFIG_FILE}
+
+
 def run_dir_entries(path: str | os.PathLike) -> list[Path]:
     """What a directory holds besides the lock files."""
     p = Path(path)

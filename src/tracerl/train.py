@@ -106,6 +106,14 @@ class Trainer:
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
+        """Everything before the first step; a failure lets go of the run directory."""
+        try:
+            self._setup()
+        except BaseException:
+            self.release()
+            raise
+
+    def _setup(self) -> None:
         cfg = self.cfg
         if (self.world.rank if self.world is not None else launched_rank()) != 0:
             self.log = lambda *a, **k: None
@@ -170,7 +178,7 @@ class Trainer:
                     resume_rules.record(self.run_dir, self.cfg, self.config_changes, read_state(ckpt)["step"])
                 return
             if rundir.run_dir_entries(self.run_dir):
-                if not self.overwrite:
+                if not self.overwrite and not rundir.never_started(self.run_dir):
                     raise TracerlError(f"run directory {self.run_dir} is not empty; pass --resume {self.run_dir}, "
                                        "--overwrite, or another run.name")
                 rundir.clear_run_dir(self.run_dir)
