@@ -115,17 +115,10 @@ def test_server_rejects_bad_requests(server, body, message):
 
 def test_client_error_is_not_retried(server):
     client = RetrievalClient(server.url + "/retrieve", retries=3, backoff=5.0)  # a retry would take 5 s
-    client._session.post = _with_payload(client._session.post, {"queries": "oops"})
     t0 = time.time()
-    with pytest.raises(RetrievalError, match="refused the request: HTTP 400"):
-        client.search("Kesh")
+    with pytest.raises(RetrievalError, match="refused the request: HTTP 400 .*topk.* must be an integer"):
+        client.search("Kesh", k=10_000)
     assert time.time() - t0 < 2
-
-
-def _with_payload(post, payload):
-    def wrapped(url, json=None, timeout=None):  # noqa: A002
-        return post(url, json=payload, timeout=timeout)
-    return wrapped
 
 
 def test_server_down_fails_after_bounded_retries_with_backoff():
@@ -175,7 +168,7 @@ def scripted(*script):
 
 
 @pytest.mark.parametrize("kind, message", [
-    ("slow", "no answer within 0.2 s"),
+    ("slow", "no complete answer within 0.2 s"),
     ("garbage", "malformed answer"),
     ("wrong_shape", "malformed answer"),
     ("500", "HTTP 500"),
@@ -229,3 +222,226 @@ def test_serve_retriever_reports_a_bad_corpus(tmp_path):
                          env={**__import__("os").environ, "PYTHONPATH": str(REPO / "src")})
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
     assert f"error: {bad}:1: a corpus line needs 'contents'" in out.stderr
+
+
+# --- robustness: stalled and hostile clients, slow servers, shutdown (issue 19) -----------------------
+
+def _connect(server) -> socket.socket:
+    sock = socket.create_connection(server.server_address[:2], timeout=5)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _response(raw: bytes) -> tuple[int, dict, dict]:
+    """(status, headers, JSON body) of one raw HTTP answer."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, json.loads(body[:int(headers["content-length"])])
+
+
+def _exchange(server, data: bytes) -> tuple[int, dict, dict]:
+    with _connect(server) as sock:
+        sock.sendall(data)
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:  # the server already answered and closed (a refusal does not wait for the request)
+            pass
+        return _response(_read_all(sock))
+
+
+def _post_raw(body: bytes) -> bytes:
+    return (b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+def test_stalled_connections_are_closed_after_the_read_timeout(docs):
+    with running(RetrievalServer(docs, "127.0.0.1", 0, read_timeout=0.5)) as s:
+        idle, partial = _connect(s), _connect(s)
+        partial.sendall(b"POST /retrieve HTTP/1.1\r\nContent-Length: 20\r\n")  # never finished
+        t0 = time.monotonic()
+        assert _read_all(idle) == b""  # an idle connection is closed without a word
+        status, headers, body = _response(_read_all(partial))
+        elapsed = time.monotonic() - t0
+        assert status == 408 and headers["content-type"] == "application/json"
+        assert body == {"error": "request not complete within 0.5 s"}
+        assert 0.3 < elapsed < 2.0
+        idle.close()
+        partial.close()
+
+
+def test_a_slow_but_steady_client_is_cut_off_by_the_deadline_not_per_read(docs):
+    with running(RetrievalServer(docs, "127.0.0.1", 0, read_timeout=0.6)) as s, _connect(s) as sock:
+        t0 = time.monotonic()
+        for byte in _post_raw(b'{"queries": ["Kesh"]}')[:12]:  # one byte every 0.1 s: each read is quick
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.1)
+        assert _response(_read_all(sock))[0] == 408 and time.monotonic() - t0 < 2.0
+
+
+def test_stalled_connections_hold_no_thread_and_do_not_delay_a_request(docs):
+    with running(RetrievalServer(docs, "127.0.0.1", 0, workers=2, read_timeout=5)) as s:
+        client = RetrievalClient(s.url, retries=0, timeout=5)
+        client.search("warm-up")
+        threads = threading.active_count()
+        stalled = [_connect(s) for _ in range(50)]
+        for sock in stalled[::2]:
+            sock.sendall(b"POST /retrieve HTTP/1.1\r\nContent-Le")  # half a head; the rest never comes
+        try:
+            t0 = time.monotonic()
+            for _ in range(5):
+                assert client.search("Veloria")[0]["title"] == "Marta Quenell"
+            assert time.monotonic() - t0 < 1.0
+            assert threading.active_count() <= threads  # no thread per connection (others may end meanwhile)
+        finally:
+            for sock in stalled:
+                sock.close()
+
+
+def test_deeply_nested_json_gets_a_json_400(server):
+    deep = b'{"queries": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+    r = requests.post(server.url + "/retrieve", data=deep, timeout=5)
+    assert r.status_code == 400 and r.json() == {"error": "request JSON nests deeper than 32 levels"}
+    flat = json.dumps({"queries": ["[[[[{{{{" * 100, "\\\"[[["]}).encode()  # brackets inside strings do not count
+    assert requests.post(server.url + "/retrieve", data=flat, timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("request_bytes, status, message", [
+    (b"GARBAGE\r\n\r\n", 400, "Bad request syntax ('GARBAGE')"),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400, "Bad request"),  # a TLS hello
+    (b"GET /health HTTP/2.0\r\n\r\n", 505, "Invalid HTTP version (2.0)"),
+    (b"BREW /retrieve HTTP/1.1\r\n\r\n", 501, "Unsupported method ('BREW')"),
+    (b"GET /health HTTP/1.1\r\nX: " + b"a" * 70_000 + b"\r\n\r\n", 431, "exceed 65536 bytes"),
+    (b"POST /retrieve HTTP/1.1\r\n\r\n", 411, "with a Content-Length"),
+    (b"POST /retrieve HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 411, "chunked"),
+    (b"POST /retrieve HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 400, "need a JSON body"),
+    (b"POST /search HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 404, "use POST /retrieve"),
+])
+def test_every_error_is_a_json_body(server, request_bytes, status, message):
+    got, headers, body = _exchange(server, request_bytes)
+    assert got == status and headers["content-type"] == "application/json"
+    assert message in body["error"]
+
+
+def test_oversized_body_gets_413_even_while_it_is_still_being_sent(server):
+    r = requests.post(server.url + "/retrieve", data=b"[" + b" " * (2 << 20) + b"]", timeout=5)
+    assert r.status_code == 413 and r.json() == {"error": f"request body of {(2 << 20) + 2} bytes exceeds {1 << 20}"}
+    # the head alone is enough to refuse: the server does not wait for 2 MiB that never come
+    with _connect(server) as sock:
+        sock.sendall(b"POST /retrieve HTTP/1.1\r\nContent-Length: 2097152\r\n\r\n")
+        assert _response(_read_all(sock))[0] == 413
+
+
+def test_expect_100_continue_and_pipelined_requests(server):
+    with _connect(server) as sock:
+        body = b'{"queries": ["Kesh"]}'
+        sock.sendall(b"POST /retrieve HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body + b"GET /health HTTP/1.1\r\n\r\nGET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+        answers = _read_all(sock).split(b"HTTP/1.1 ")[1:]
+        assert [a[:3] for a in answers] == [b"200"] * 3 and b'"documents": 15' in answers[2]
+
+
+def test_connections_beyond_the_limit_get_503(docs):
+    with running(RetrievalServer(docs, "127.0.0.1", 0, max_connections=2)) as s:
+        held = [_connect(s), _connect(s)]
+        time.sleep(0.1)
+        try:
+            status, _, body = _exchange(s, b"GET /health HTTP/1.1\r\n\r\n")
+            assert status == 503 and "2 connections open" in body["error"]
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.2)  # the slots are free again
+        assert requests.get(s.url + "/health", timeout=5).status_code == 200
+
+
+def test_client_reuses_its_connection_after_the_server_closed_it_idle(docs):
+    with running(RetrievalServer(docs, "127.0.0.1", 0, read_timeout=0.2)) as s:
+        client = RetrievalClient(s.url, retries=0, timeout=5)
+        assert client.search("Kesh")
+        time.sleep(0.5)  # the server has closed the keep-alive connection meanwhile
+        assert client.search("Kesh")
+        client.close()
+
+
+@contextmanager
+def slow_drip_server(interval: float = 0.5):
+    """A server that reads a request, then answers one byte every `interval` seconds, forever."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def drip(conn):
+        answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + b" " * 1000
+        with conn:
+            conn.recv(65536)
+            for byte in answer:
+                if stop.wait(interval):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    def accept():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=drip, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        listener.close()
+
+
+def test_client_deadline_covers_the_whole_answer_of_a_slow_drip_server():
+    with slow_drip_server(0.5) as url:
+        client = RetrievalClient(url, retries=1, backoff=0.1, timeout=1.2)
+        t0 = time.monotonic()
+        with pytest.raises(RetrievalError) as err:
+            client.search("Kesh")
+        elapsed = time.monotonic() - t0
+    message = str(err.value)
+    assert "\n" not in message and url in message
+    assert "failed after 2 attempts: no complete answer within 1.2 s" in message
+    assert 2 * 1.2 + 0.1 - 0.05 <= elapsed < 2 * 1.2 + 0.1 + 1.0  # two full deadlines, not hours of drip
+
+
+def test_sigterm_stops_serve_retriever_cleanly(tmp_path):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "tracerl.cli", "serve-retriever", "--corpus", str(FIXTURES / "search_r1_corpus.jsonl"),
+           "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, "PYTHONPATH": str(REPO / "src")})
+    try:
+        assert "serving 15 documents" in proc.stdout.readline()
+        client = RetrievalClient(f"http://127.0.0.1:{port}", retries=0, timeout=5)
+        assert client.search("Kesh")
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(b"POST /retrieve HTTP/1.1\r\n")  # shutdown must not wait for it
+        t0 = time.monotonic()
+        proc.send_signal(__import__("signal").SIGTERM)
+        rc = proc.wait(10)
+        elapsed = time.monotonic() - t0
+        stalled.close()
+        assert rc == 0 and elapsed < 3, (rc, elapsed, proc.stderr.read())
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

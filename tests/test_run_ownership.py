@@ -108,10 +108,10 @@ def test_read_only_commands_work_while_a_run_trains(tmp_path):
 def test_a_failed_start_does_not_block_the_rerun(tmp_path, monkeypatch):
     run = tmp_path / "run"
 
-    def broken_data(self):
-        raise TracerlError("the data could not be read")
+    def broken_model(self):
+        raise TracerlError("the model could not be read")
 
-    monkeypatch.setattr(Trainer, "_setup_data", broken_data)
+    monkeypatch.setattr(Trainer, "_setup_model", broken_model)  # fails after the run directory is taken
     with pytest.raises(TracerlError, match="could not be read"):
         _trainer(run).setup()
     assert rundir.never_started(run)  # it got as far as its marker and config

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tracerl.errors import TracerlError
 
+SPLITS = ("train", "validation", "test", "heldout")  # every environment's splits (tracerl.envs.base)
 
 
 def _config_path(arg: str | None) -> str | None:
@@ -37,17 +38,34 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _preflight(cfg, model_dir: Path | None = None) -> None:
+    from tracerl.setup import preflight  # imported here: `tracerl --help` stays fast
+
+    preflight(cfg, model_dir)
+
+
 def cmd_train(args) -> int:
-    from tracerl.train import train
-
-    _quiet_transformers()
-
     if args.help_config:
         from tracerl.config import describe_fields
 
+        from tracerl.envs import ENVIRONMENTS, options_model
+
         for key, default, doc in describe_fields():
             print(f"{key:34s} {default:>16s}  {doc}")
+        for env in ENVIRONMENTS.names():  # each environment's typed env.options
+            if options_model(env) is not None:
+                print(f"\nenv.options of env.name={env}:")
+                for key, default, doc in describe_fields(options_model(env), "env.options."):
+                    print(f"{key:34s} {default:>16s}  {doc}")
         return 0
+    if args.resume and (args.overwrite or args.auto_resume):
+        raise TracerlError(f"--resume continues {args.resume}; it cannot be combined with "
+                           f"{'--overwrite' if args.overwrite else '--auto-resume'}")
+    if args.resume and args.config:
+        raise TracerlError("--resume reads the run's own config.yaml; drop --config (change keys with overrides)")
+    from tracerl.train import train  # checks the config before it builds or writes anything (setup.preflight)
+
+    _quiet_transformers()
     run_dir, result = train(None if args.resume else _config_path(args.config), args.overrides,
                             resume=args.resume, overwrite=args.overwrite, auto_resume=args.auto_resume,
                             allow_change=args.allow_change)
@@ -74,11 +92,65 @@ def _model_config(path, overrides):
     return cfg
 
 
+def _nonneg(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _positive(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _nonneg(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in 0..65535, got {value}")
+    return value
+
+
+def _fraction(text: str, upper_open: bool = False) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (0 <= value < 1 if upper_open else 0 <= value <= 1):
+        raise argparse.ArgumentTypeError(f"must be in [0, 1{')' if upper_open else ']'}, got {value}")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    return _fraction(text)
+
+
+def _probability_below_one(text: str) -> float:
+    return _fraction(text, upper_open=True)
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return value
+
+
 def cmd_sft(args) -> int:
     from tracerl.setup import warm_start
 
-    _quiet_transformers()
     cfg = _model_config(_config_path(args.config), args.overrides)
+    _preflight(cfg)
+    _quiet_transformers()
     print(f"SFT model: {warm_start(cfg, force=args.force)}")
     return 0
 
@@ -112,15 +184,19 @@ def cmd_eval(args) -> int:
     from tracerl.setup import build_env, resolve_model_path
 
     _quiet_transformers()
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise TracerlError(f"--out {args.out} is a file; give a directory")
     if args.checkpoint == "preset":  # the config's initial policy, before any RL
         if not args.config:
             raise TracerlError("`tracerl eval preset` evaluates the model of --config; pass --config FILE.yaml")
         cfg = _model_config(args.config, args.overrides)
+        _preflight(cfg)
         model_dir, run_dir = resolve_model_path(cfg), None
     else:
         model_dir, run_dir = _resolve_checkpoint(Path(args.checkpoint))
         cfg_path = args.config or (str(run_dir / CONFIG_FILE) if run_dir else _config_path(None))
         cfg = _model_config(cfg_path, args.overrides)
+        _preflight(cfg, model_dir)
     if args.out:
         run_dir = Path(args.out)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -173,17 +249,17 @@ def cmd_serve_retriever(args) -> int:
     from tracerl.envs.qa_data import load_corpus
     from tracerl.tools.retrieval_server import RetrievalServer
 
-    if args.top_k < 1:
-        raise TracerlError(f"--top-k must be >= 1, got {args.top_k}")
     docs = load_corpus(args.corpus)
     try:
         server = RetrievalServer(docs, args.host, args.port, args.top_k, verbose=args.verbose)
-    except OSError as e:
+    except (OSError, OverflowError) as e:
         raise TracerlError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     print(f"serving {len(docs)} documents from {args.corpus} at {server.url}/retrieve (top-k {args.top_k}); "
           "Ctrl-C stops", flush=True)
     try:
-        server.serve_forever()
+        server.serve_forever()  # SIGTERM stops it too (the server's own handler)
+    except KeyboardInterrupt:
+        print("retrieval server stopped", file=sys.stderr)
     finally:
         server.server_close()
     return 0
@@ -196,8 +272,6 @@ def cmd_report(args) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / METRICS_FILE).is_file() and not (run_dir / CONFIG_FILE).is_file():
         raise TracerlError(f"{run_dir} is not a run directory (no config.yaml or metrics.jsonl)")
-    if args.tree_prompts < 0:
-        raise TracerlError(f"--tree-prompts must be >= 0, got {args.tree_prompts}")
     print(f"report: {write_report(run_dir, args.tree_step, args.tree_prompts)}")
     return 0
 
@@ -212,10 +286,9 @@ def cmd_compare(args) -> int:
 def cmd_calibrate(args) -> int:
     from tracerl.calibrate import calibrate, overrides_for
 
-    _quiet_transformers()
-    if args.steps < 1:
-        raise TracerlError(f"--steps must be >= 1, got {args.steps}")
     cfg = _model_config(_config_path(args.config), args.overrides)
+    _preflight(cfg)
+    _quiet_transformers()
     res = calibrate(cfg, args.steps)
     print(f"chains: G = {res['group_size']}, {res['mean_chain_tokens']:.1f} generated tokens per chain "
           f"-> {res['token_budget']} per prompt")
@@ -238,8 +311,6 @@ def cmd_sim(args) -> int:
 
     options = {f.name: getattr(args, f.name) for f in fields(SimConfig) if hasattr(args, f.name)}
     cfg = SimConfig(**options)  # options the command does not expose keep their SimConfig defaults
-    if args.seeds < 1 or args.batches < 1:
-        raise TracerlError(f"--seeds and --batches must be >= 1, got {args.seeds} and {args.batches}")
     result = simulate(cfg, args.overrides, args.allocator, seed=args.seed, seeds=args.seeds, batches=args.batches)
     console = Console()
     # a pipe or file gets the full table rather than rich's 80-column fallback
@@ -249,12 +320,26 @@ def cmd_sim(args) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported as one line (`error: tracerl eval: argument --split: ...`)
+    instead of the usage block; `--help` still shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+    def add_command(self, sub, name: str, **kwargs) -> "Parser":
+        c = sub.add_parser(name, **kwargs)
+        # also after the subcommand; SUPPRESS keeps `tracerl --debug train` from being reset by the default
+        c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+        return c
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tracerl", description="RL of LLM agents with verifiable rewards.")
+    p = Parser(prog="tracerl", description="RL of LLM agents with verifiable rewards.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a policy (default: the embedded quickstart)")
+    t = p.add_command(sub, "train", help="train a policy (default: the embedded quickstart)")
     t.add_argument("--config", help="YAML config (default: the embedded quickstart config)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -267,66 +352,66 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=1e-5")
     t.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("sft", help="build the SFT warm start (tiny preset; pretrained ones with sft.pretrained=true), cached")
+    s = p.add_command(sub, "sft", help="build the SFT warm start (tiny preset; pretrained ones with sft.pretrained=true), cached")
     s.add_argument("--config")
     s.add_argument("--force", action="store_true", help="retrain even if cached")
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_sft)
 
-    e = sub.add_parser("eval", help="greedy evaluation of a run, checkpoint or model directory")
+    e = p.add_command(sub, "eval", help="greedy evaluation of a run, checkpoint or model directory")
     e.add_argument("checkpoint", help="run dir, checkpoint dir, model dir, or 'preset' (the --config model before RL)")
-    e.add_argument("--split", default="validation", help="train, validation, test or heldout")
+    e.add_argument("--split", default="validation", choices=SPLITS, help="train, validation, test or heldout")
     e.add_argument("--config", help="config for the environment (default: the run's)")
-    e.add_argument("--n", type=int, default=0, help="evaluate only the first N tasks")
+    e.add_argument("--n", type=_nonneg, default=0, help="evaluate only the first N tasks (0: all)")
     e.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     e.add_argument("--out", metavar="DIR", help="log the result and write report.html here (default: the run dir, if any)")
     e.add_argument("overrides", nargs="*")
     e.set_defaults(fn=cmd_eval)
 
-    v = sub.add_parser("serve-retriever", help="serve BM25 retrieval over a corpus with Search-R1's HTTP API")
+    v = p.add_command(sub, "serve-retriever", help="serve BM25 retrieval over a corpus with Search-R1's HTTP API")
     v.add_argument("--corpus", required=True, metavar="FILE.jsonl",
                    help="Search-R1 corpus (id, contents), documents (title, text) or real-QA question files")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    v.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    v.add_argument("--top-k", type=int, default=3, help="documents per query when a request gives no topk (default 3)")
+    v.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
+    v.add_argument("--top-k", type=_positive, default=3, help="documents per query when a request gives no topk (default 3)")
     v.add_argument("--verbose", action="store_true", help="log every request")
     v.set_defaults(fn=cmd_serve_retriever)
 
-    r = sub.add_parser("report", help="write RUN_DIR/report.html")
+    r = p.add_command(sub, "report", help="write RUN_DIR/report.html")
     r.add_argument("run_dir")
-    r.add_argument("--tree-step", type=int, default=None,
+    r.add_argument("--tree-step", type=_nonneg, default=None,
                    help="show the rollout trees logged at this step (default: the latest logged)")
-    r.add_argument("--tree-prompts", type=int, default=4, help="how many prompts' trees to draw (default 4)")
+    r.add_argument("--tree-prompts", type=_nonneg, default=4, help="how many prompts' trees to draw (default 4)")
     r.set_defaults(fn=cmd_report)
 
-    c = sub.add_parser("compare", help="write one HTML page comparing runs, seeds of a method pooled")
+    c = p.add_command(sub, "compare", help="write one HTML page comparing runs, seeds of a method pooled")
     c.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     c.add_argument("--out", required=True, metavar="FILE.html", help="where to write the page")
     c.add_argument("--label-key", default=None, metavar="KEY[,KEY...]",
                    help="config key(s) naming a run's method (default: rollout.allocator,algo.advantage)")
     c.set_defaults(fn=cmd_compare)
 
-    k = sub.add_parser("calibrate", help="measure chain and continuation cost; print equal-cost tree sizes")
+    k = p.add_command(sub, "calibrate", help="measure chain and continuation cost; print equal-cost tree sizes")
     k.add_argument("--config")
-    k.add_argument("--steps", type=int, default=3, help="rollout batches to measure (no training)")
+    k.add_argument("--steps", type=_positive, default=3, help="rollout batches to measure (no training)")
     k.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     k.add_argument("overrides", nargs="*")
     k.set_defaults(fn=cmd_calibrate)
 
-    m = sub.add_parser("sim", help="run the shipped allocators at equal token budget on simulated prompts (no model)")
+    m = p.add_command(sub, "sim", help="run the shipped allocators at equal token budget on simulated prompts (no model)")
     m.add_argument("--allocator", default="all",
                    help="a shipped allocator (uniform, tree_grpo, dapo, pcl, knapsack, trace), or all (default: all, side by side)")
     m.add_argument("--difficulty", default="beta:0.5,0.5", help="v0 distribution: beta:A,B, uniform or point:V")
-    m.add_argument("--turns", type=int, default=3, help="T: turns of a full trajectory (default 3)")
+    m.add_argument("--turns", type=_positive, default=3, help="T: turns of a full trajectory (default 3)")
     m.add_argument("--turn-tokens", default="20-60", help="tokens of one turn: LO-HI or N (default 20-60)")
-    m.add_argument("--turn-strength", type=float, default=0.3,
+    m.add_argument("--turn-strength", type=_unit_interval, default=0.3,
                    help="share of the remaining outcome variance one turn resolves, 0..1 (default 0.3)")
-    m.add_argument("--early-stop", type=float, default=0.0, help="chance a trajectory ends after a turn (default 0)")
-    m.add_argument("--predictor-noise", type=float, default=0.5, help="sigma on the predicted logit (default 0.5)")
+    m.add_argument("--early-stop", type=_probability_below_one, default=0.0, help="chance a trajectory ends after a turn (default 0)")
+    m.add_argument("--predictor-noise", type=_nonneg_float, default=0.5, help="sigma on the predicted logit (default 0.5)")
     m.add_argument("--oracle", action="store_true", help="the predictor returns the true success probability")
-    m.add_argument("--batches", type=int, default=10, help="batches per seed (default 10)")
+    m.add_argument("--batches", type=_positive, default=10, help="batches per seed (default 10)")
     m.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    m.add_argument("--seeds", type=int, default=1, help="number of seeds, from --seed on (default 1)")
+    m.add_argument("--seeds", type=_positive, default=1, help="number of seeds, from --seed on (default 1)")
     m.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     m.add_argument("overrides", nargs="*",
                    help="the training config's rollout.* / alloc.* keys, as for tracerl train (e.g. alloc.epsilon=0 "
@@ -350,11 +435,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
-    except TracerlError as e:
-        if args.debug:
+    except (TracerlError, OSError) as e:
+        # OSError: the machine refused (a permission, a full disk, a missing folder); anything else is a bug
+        if getattr(args, "debug", False):
             raise
         rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-        print(f"error{f' (rank {rank})' if rank is not None else ''}: {e}", file=sys.stderr)
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error{f' (rank {rank})' if rank is not None else ''}: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last complete checkpoint is kept", file=sys.stderr)

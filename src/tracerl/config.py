@@ -7,18 +7,23 @@ wrong types stop with a one-line message naming the key.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tracerl.errors import TracerlError
+from tracerl.errors import TracerlError, validation_key, validation_problem
 
 
 class ConfigError(TracerlError):
     """A configuration problem, reported to the user as one line."""
 
+
+
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")  # run.device (its availability: check_device)
+MIN_TINY_VOCAB = 256 + 3 + 8  # tracerl.models.tiny.train_tokenizer: byte alphabet, special tokens, agent tags
 
 
 class Section(BaseModel):
@@ -36,18 +41,33 @@ class RunConfig(Section):
         return v
 
     out_dir: str = Field("runs", description="Parent directory of run directories.")
-    dir: str | None = Field(None, description="Explicit run directory (overrides out_dir/name).")
+    dir: str | None = Field(None, min_length=1, description="Explicit run directory (overrides out_dir/name).")
     seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
-    device: str = Field("cpu", description="Torch device: cpu, cuda, cuda:1, ...")
-    threads: int | None = Field(None, description="torch intra-op threads (None: torch default).")
+    device: str = Field("cpu", description="Torch device: cpu, cuda, cuda:1, ... (checked against the machine before a command runs the model).")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch default).")
     dist_timeout_s: float = Field(600.0, gt=0, description="torchrun: seconds a collective waits for the other ranks before the run stops with an error naming it.")
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        if not DEVICE.fullmatch(v):
+            raise ValueError(f"config key 'run.device': must be cpu, cuda or cuda:N, got {v!r}")
+        return v
 
 
 class EnvConfig(Section):
     name: str = Field("multihop", description="Environment name (registry: multihop, arith, real_qa).")
     seed: int = Field(0, description="Seed of the environment's task generator (the synthetic world).")
     max_turns: int = Field(4, ge=1, description="Maximum model turns per episode.")
-    options: dict[str, Any] = Field(default_factory=lambda: {"top_k": 2}, description="Extra environment keyword arguments (world sizes, top_k: the quickstart retrieves 2 documents per search).")
+    options: dict[str, Any] = Field(default_factory=lambda: {"top_k": 2}, description="The environment's typed options (world sizes, top_k, data files ...; `--help-config` lists them), checked against the model the environment registers before a command builds anything; default {top_k: 2} for multihop (the quickstart retrieves 2 documents per search), {} for the others.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_options(cls, data: Any) -> Any:
+        """The default options are multihop's: another environment without env.options gets none."""
+        if isinstance(data, dict) and "options" not in data and data.get("name", "multihop") != "multihop":
+            return {**data, "options": {}}
+        return data
 
 
 class ModelConfig(Section):
@@ -55,17 +75,28 @@ class ModelConfig(Section):
     path: str | None = Field(None, description="Local Hugging Face model directory (preset=path); any AutoModelForCausalLM.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weight dtype of the policy.")
     chat_template: Literal["auto", "none"] = Field("auto", description="auto: prompts go through the tokenizer's chat template (error if it has none); none: plain text prompts.")
-    hidden_size: int = Field(128, description="tiny preset: hidden size.")
-    num_layers: int = Field(4, description="tiny preset: number of transformer layers.")
-    num_heads: int = Field(4, description="tiny preset: attention heads.")
-    num_kv_heads: int = Field(2, description="tiny preset: key/value heads (GQA).")
-    vocab_size: int = Field(2048, description="tiny preset: BPE vocabulary size trained on the world's text.")
-    max_context: int = Field(768, description="Maximum trajectory length in tokens; longer episodes end as failures.")
+    hidden_size: int = Field(128, ge=1, description="tiny preset: hidden size (a multiple of num_heads, with an even head size).")
+    num_layers: int = Field(4, ge=1, description="tiny preset: number of transformer layers.")
+    num_heads: int = Field(4, ge=1, description="tiny preset: attention heads (a multiple of num_kv_heads).")
+    num_kv_heads: int = Field(2, ge=1, description="tiny preset: key/value heads (GQA).")
+    vocab_size: int = Field(2048, ge=MIN_TINY_VOCAB, description=f"tiny preset: BPE vocabulary size trained on the world's text (>= {MIN_TINY_VOCAB}: 256 bytes, 3 special tokens, 8 tags).")
+    max_context: int = Field(768, ge=1, description="Maximum trajectory length in tokens; longer episodes end as failures (more than rollout.max_turn_tokens).")
 
     @model_validator(mode="after")
     def _path_needed(self) -> "ModelConfig":
         if self.preset == "path" and not self.path:
             raise ValueError("model.path must be set when model.preset=path")
+        if self.preset != "path" and self.path:
+            raise ValueError(f"model.path is only read with model.preset=path (model.preset is {self.preset}); "
+                             "set model.preset=path or drop model.path")
+        if self.preset == "tiny":
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"model.num_heads={self.num_heads} must divide model.hidden_size={self.hidden_size}")
+            if self.num_heads % self.num_kv_heads:
+                raise ValueError(f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
+            if (self.hidden_size // self.num_heads) % 2:
+                raise ValueError(f"model.hidden_size / model.num_heads = {self.hidden_size // self.num_heads} is the head "
+                                 "size, which rotary embeddings need even")
         return self
 
 
@@ -142,14 +173,14 @@ class PredictorConfig(Section):
 
 class AlgoConfig(Section):
     advantage: str = Field("grpo", description="Advantage estimator (registry: grpo, dr_grpo, tree_grpo, treepo; tree ones need a tree allocator).")
-    tree_w_intra: float = Field(1.0, description="tree_grpo: weight of the intra-tree z-score.")
-    tree_w_inter: float = Field(1.0, description="tree_grpo: weight of the inter-tree (prompt-level) z-score.")
-    adv_eps: float = Field(1e-6, description="Epsilon added to the group std.")
+    tree_w_intra: float = Field(1.0, ge=0, description="tree_grpo: weight of the intra-tree z-score.")
+    tree_w_inter: float = Field(1.0, ge=0, description="tree_grpo: weight of the inter-tree (prompt-level) z-score (not both 0).")
+    adv_eps: float = Field(1e-6, gt=0, description="Epsilon added to the group std.")
     singleton: Literal["zero", "raw"] = Field("zero", description="Advantage of a group with one trajectory.")
     policy_loss: str = Field("ppo_clip", description="Policy loss (registry: ppo_clip).")
-    clip_low: float = Field(0.2, ge=0, description="PPO clip epsilon below 1.")
+    clip_low: float = Field(0.2, ge=0, lt=1, description="PPO clip epsilon below 1 (the ratio is clipped at 1 - clip_low, so < 1).")
     clip_high: float = Field(0.2, ge=0, description="PPO clip epsilon above 1 (0.28 = DAPO clip-higher).")
-    dual_clip: float | None = Field(3.0, description="Dual-clip constant c for negative advantages (None: off).")
+    dual_clip: float | None = Field(3.0, gt=1, description="Dual-clip constant c > 1 for negative advantages (None: off).")
     aggregation: str = Field("token-mean", description="Loss aggregation (token-mean, seq-mean-token-mean, seq-mean-token-sum-norm).")
     norm_length: int | None = Field(None, ge=1, description="seq-mean-token-sum-norm (Dr.GRPO): the constant L each leaf's token sum is divided by (None: the longest response of the step's batch, observations included).")
     kl_coef: float = Field(0.0, ge=0, description="Weight of the KL penalty to the frozen reference (0: no reference model).")
@@ -157,6 +188,12 @@ class AlgoConfig(Section):
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
     dedup_prefix: bool = Field(False, description="Run each shared tree node once in the update (one packed sequence per tree with a tree attention mask; for chains the prompt once per prompt) instead of one row per leaf; same loss and gradient, fewer tokens.")
     skip_uniform_groups: bool = Field(True, description="Leave groups whose rewards are all equal out of the update (their advantage is 0).")
+
+    @model_validator(mode="after")
+    def _tree_weights(self) -> "AlgoConfig":
+        if self.tree_w_intra == 0 and self.tree_w_inter == 0:
+            raise ValueError("algo.tree_w_intra and algo.tree_w_inter are both 0: every tree advantage would be 0")
+        return self
 
 
 class DistillConfig(Section):
@@ -188,7 +225,7 @@ class CreditConfig(Section):
     """Token-level credit: per-token weights on the advantage (docs/flowtracer.md); off by default."""
 
     name: str = Field("none", description="Token weighting rule (registry: none, flowtracer = boost the top tokens by question-to-answer attention flow, random / bottom = ablation controls).")
-    layers: list[int] | None = Field(None, description="Layers whose head-averaged attention builds the token graph (None: num_layers evenly spaced in [L/3, 2L/3]).")
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1, description="Layers whose head-averaged attention builds the token graph (None: num_layers evenly spaced in [L/3, 2L/3]).")
     num_layers: int = Field(5, ge=1, description="With layers=None: how many middle layers to average.")
     top_fraction: float = Field(0.4, gt=0, le=1, description="Share of a row's sampled tokens (EOS excluded) that get the boost (docs/flowtracer.md §5).")
     boost: float = Field(1.5, gt=0, description="Weight of the chosen tokens; all others keep 1 (docs/flowtracer.md §5).")
@@ -210,7 +247,7 @@ class TrainerConfig(Section):
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate (constant after warm-up).")
     warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each step's rollouts.")
     mini_batches: int = Field(1, ge=1, description="Optimizer updates per epoch (rollouts split into this many mini-batches).")
@@ -224,6 +261,20 @@ class TrainerConfig(Section):
     tensorboard: bool = Field(True, description="Write TensorBoard events under RUN_DIR/tb.")
     progress: bool = Field(True, description="Show a progress bar.")
     tree_log_every: int = Field(10, ge=0, description="Write the step's rollout trees to RUN_DIR/trees/ every N steps (0: never); the report's tree view reads them.")
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _two_betas(cls, v: Any) -> Any:
+        if not isinstance(v, (list, tuple)) or len(v) != 2:
+            raise ValueError(f"config key 'trainer.betas': must be two numbers [beta1, beta2], got {v!r}"[:160])
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"config key 'trainer.betas': each must be in [0, 1), got {list(v)}")
+        return v
 
 
 class Config(Section):
@@ -244,6 +295,13 @@ class Config(Section):
         """Rules between sections that need no registry (method combinations: tracerl.methods)."""
         if self.distill.annotator == "external" and not self.distill.annotator_model:
             raise ValueError("distill.annotator=external needs distill.annotator_model (a local model directory)")
+        if self.model.max_context <= self.rollout.max_turn_tokens:
+            raise ValueError(f"model.max_context={self.model.max_context} must exceed rollout.max_turn_tokens="
+                             f"{self.rollout.max_turn_tokens} (the prompt and one turn must fit)")
+        layers = self.credit.layers or []
+        if self.model.preset == "tiny" and any(i >= self.model.num_layers for i in layers):
+            raise ValueError(f"credit.layers: layer {max(layers)} does not exist (model.num_layers={self.model.num_layers}; "
+                             f"layers count from 0)")
         return self
 
     def run_dir(self) -> Path:
@@ -262,14 +320,32 @@ def pool_size(r: RolloutConfig, a: AllocConfig) -> int:
     return math.ceil(a.pool_factor * r.prompts_per_step)
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def _format_error(err: ValidationError, source: str | None) -> str:
+    """One line for the first error: the file (if any), the key, what is wrong and the bad value."""
     e = err.errors()[0]
-    key = ".".join(str(p) for p in e["loc"]) or "(root)"
+    key = validation_key(e["loc"])
+    where = f"{source}: " if source else ""
     if e["type"] == "extra_forbidden":
-        return f"{source}: unknown config key '{key}'"
-    if e["type"] == "value_error":  # a cross-field rule: its message names the keys
-        return f"{source}: {e['msg'].removeprefix('Value error, ')}"
-    return f"{source}: config key '{key}': {e['msg']}"
+        return f"{where}unknown config key '{key}'"
+    problem = validation_problem(e)
+    if e["type"] == "value_error" and key in problem:  # a rule whose message names its key(s)
+        return f"{where}{problem}"
+    return f"{where}config key '{key}': {problem}"
+
+
+def check_device(device: str) -> None:
+    """One-line ConfigError unless torch can use `device` (run.device) on this machine; a command that
+    runs the model asks before it builds or writes anything."""
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"config key 'run.device': {device} needs CUDA, but torch sees no CUDA device "
+                              "on this machine; use run.device=cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"config key 'run.device': {device} does not exist; this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s), cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -292,7 +368,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             value = raw
         _set_dotted(tree, key.strip(), value)
     return tree
@@ -308,9 +384,13 @@ def _merge(base: dict, extra: dict) -> dict:
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
+        raise ConfigError(f"config file {p} {'is not a file' if p.exists() else 'does not exist'}")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {p} is not valid YAML: nested too deeply") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0]
         raise ConfigError(f"config file {p} is not valid YAML: {first}") from None
@@ -326,7 +406,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     tree = load_yaml(path) if path else {}
     if overrides:
         tree = _merge(tree, parse_overrides(overrides))
-    source = str(path) if path else "config"
+    source = str(path) if path else None  # overrides alone: the key says it all
     try:
         return Config.model_validate(tree)
     except ValidationError as e:

@@ -5,7 +5,7 @@
     env = build_env(cfg)
     model_dir = resolve_model_path(cfg)   # the SFT warm start (trained once, cached) or the pretrained policy
 
-`tracerl train`, `sft`, `eval` and `calibrate` (and the benchmarks) start here, so that they agree on
+`tracerl train`, `sft`, `eval` and `calibrate` (and the benchmarks) start here (`preflight` first), so that they agree on
 what a config means before the first forward pass.
 
 This module also puts the SFT warm start together (`warm_start`): the recipe in `tracerl.sft` receives
@@ -24,6 +24,24 @@ from tracerl.distill.teacher import TeacherNoteDemos
 from tracerl.envs import make_env
 from tracerl.envs.base import Environment
 from tracerl.sft import SFTInputs, run_sft
+
+
+def preflight(cfg: Config, model_dir: Path | None = None) -> None:
+    """What a command that runs the model checks after the config validated and before it builds or
+    writes anything: the environment's typed options, method names and combinations, the device, and
+    the model directory it will load (model.path, or `model_dir` when given)."""
+    from tracerl.config import check_device
+    from tracerl.envs import check_options
+    from tracerl.methods import check_methods
+    from tracerl.models.io import check_model_dir
+
+    check_options(cfg.env.name, cfg.env.options, cfg.env.max_turns)  # typed env.options (the config knows no env)
+    check_methods(cfg)
+    check_device(cfg.run.device)
+    if model_dir is not None:
+        check_model_dir(model_dir)
+    elif cfg.model.preset == "path":
+        check_model_dir(cfg.model.path)
 
 
 def apply_threads(cfg: Config) -> None:

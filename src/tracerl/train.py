@@ -43,13 +43,12 @@ from tracerl.distill import Distiller
 from tracerl.distributed import World, connect, launched_rank
 from tracerl.errors import CheckpointError, DataError, TracerlError
 from tracerl.evaluate import evaluate, summarize
-from tracerl.methods import check_methods
 from tracerl.models.io import load_policy
 from tracerl.objective import Denominators, LossSpec, objective, score_only
 from tracerl.packing import TokenBatch, build_batch, join_packs, split_by_pack
 from tracerl.rollout import RolloutCost, RolloutEngine
 from tracerl.runlog import Progress, RunLogger
-from tracerl.setup import apply_threads, build_env, resolve_model_path, uses_sft
+from tracerl.setup import apply_threads, build_env, preflight, resolve_model_path, uses_sft
 from tracerl.sft import split_train
 from tracerl.tree import RolloutTree, mixed_anchors, tree_leaves, write_jsonl
 
@@ -117,7 +116,7 @@ class Trainer:
         cfg = self.cfg
         if (self.world.rank if self.world is not None else launched_rank()) != 0:
             self.log = lambda *a, **k: None
-        check_methods(cfg)
+        preflight(cfg)  # env options, methods, device, model directory: before anything is built or written
         apply_threads(cfg)
         # The initial policy before the process group: an SFT warm start trained here is saved by
         # transformers, which writes files from rank 0 only once a group exists; until then ranks take
@@ -125,6 +124,7 @@ class Trainer:
         self.model_path = resolve_model_path(cfg, self.log)
         if self.world is None:
             self.world = connect(cfg.run.device, cfg.run.dist_timeout_s)
+        self._setup_data()  # reads the data files: a bad one stops the run before its directory is written
         self.run_dir = Path(self.resume_dir) if self.resume_dir is not None else cfg.run_dir()
         self._on_main("taking the run directory", self._take_run_dir)
         self.checkpoint = None  # the checkpoint a resume continues from (chosen by rank 0)
@@ -135,7 +135,6 @@ class Trainer:
                 raise CheckpointError(f"no complete checkpoint under {self.run_dir / rundir.CHECKPOINT_DIR}; "
                                       "cannot resume")
             self.checkpoint = Path(self.checkpoint)
-        self._setup_data()
         self._setup_model()
         self.credit = TokenCredit(cfg.credit, self.model, self.tokenizer, cfg.run.seed)  # identity unless credit.name is set
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.trainer.lr, betas=cfg.trainer.betas,

@@ -1,21 +1,34 @@
-"""Environments behind one protocol (see `base.py`), looked up by name in `ENVIRONMENTS`."""
+"""Environments behind one protocol (see `base.py`), looked up by name in `ENVIRONMENTS`.
+
+Each environment is registered with its typed options (an `EnvOptions` model, the `options` trait):
+
+    ENVIRONMENTS.register("multihop", options=MultiHopOptions)(MultiHopEnv)
+
+`check_options` validates env.name and env.options against it. The config sits below the environments
+(it knows none of them), so the commands run it right after loading the config, before anything is
+built or written (`tracerl.cli`); `make_env` runs it too.
+"""
 
 from __future__ import annotations
 
 import inspect
 from typing import Any
 
-from tracerl.envs.arith import ArithmeticEnv
-from tracerl.envs.base import Environment, StepResult, Task
-from tracerl.envs.multihop import MultiHopEnv
-from tracerl.envs.real_qa import RealQAEnv
-from tracerl.errors import OptionError
+from pydantic import ValidationError
+
+from tracerl.envs.arith import ArithmeticEnv, ArithOptions
+from tracerl.envs.base import Environment, EnvOptions, StepResult, Task
+from tracerl.envs.multihop import MultiHopEnv, MultiHopOptions
+from tracerl.envs.real_qa import RealQAEnv, RealQAOptions
+from tracerl.errors import OptionError, validation_key, validation_problem
 from tracerl.registry import Registry
 
-ENVIRONMENTS: Registry = Registry("environment")
-ENVIRONMENTS.register("multihop")(MultiHopEnv)
-ENVIRONMENTS.register("arith")(ArithmeticEnv)
-ENVIRONMENTS.register("real_qa")(RealQAEnv)
+ENVIRONMENTS: Registry = Registry("environment", traits={"options": None})
+ENVIRONMENTS.register("multihop", options=MultiHopOptions)(MultiHopEnv)
+ENVIRONMENTS.register("arith", options=ArithOptions)(ArithmeticEnv)
+ENVIRONMENTS.register("real_qa", options=RealQAOptions)(RealQAEnv)
+
+SHARED_KEYS = ("seed", "max_turns")  # env.seed and env.max_turns: every environment takes them
 
 
 def option_names(cls: type) -> list[str]:
@@ -25,9 +38,46 @@ def option_names(cls: type) -> list[str]:
     return named + [n for n in getattr(cls, "extra_options", ()) if n not in named]
 
 
+def options_model(name: str) -> type[EnvOptions] | None:
+    """The typed options registered with environment `name` (None: an environment registered without)."""
+    return ENVIRONMENTS.trait(name, "options")
+
+
+def check_options(name: str, options: dict[str, Any], max_turns: int) -> dict[str, Any]:
+    """`options` (env.options) if environment `name` accepts them with `max_turns`, else a one-line
+    OptionError naming the key and the bad value. The options come back as given (only the keys set),
+    so a run's config and its SFT cache key do not change."""
+    if name not in ENVIRONMENTS:
+        raise OptionError(f"config key 'env.name': unknown environment {name!r}; valid: {', '.join(ENVIRONMENTS.names())}")
+    model = options_model(name)
+    if model is None:
+        return options
+    try:
+        typed = model.model_validate(options)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = validation_key(err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise OptionError(f"config key 'env.options': unknown option {key.split('.')[0]!r} for environment "
+                              f"{name!r}; allowed: {', '.join(model.model_fields)}") from None
+        problem = validation_problem(err)
+        raise OptionError(problem if not key else f"config key 'env.options.{key}': {problem}") from None
+    try:
+        typed.check(max_turns)
+    except ValueError as e:
+        raise OptionError(str(e)) from None
+    return options
+
+
 def make_env(name: str, **kwargs: Any) -> Environment:
-    """Build a registered environment; an unknown option fails with the list of valid ones."""
+    """Build a registered environment; a bad option fails in one line (for typed options: the same
+    check as the config's), an unknown one with the list of valid ones."""
     cls = ENVIRONMENTS.get(name)
+    if options_model(name) is not None:
+        options = {k: v for k, v in kwargs.items() if k not in SHARED_KEYS}
+        max_turns = kwargs.get("max_turns", inspect.signature(cls).parameters["max_turns"].default)
+        check_options(name, options, max_turns)
+        return cls(**kwargs)
     valid = option_names(cls)
     unknown = [k for k in kwargs if k not in valid]
     if unknown:
@@ -35,4 +85,5 @@ def make_env(name: str, **kwargs: Any) -> Environment:
     return cls(**kwargs)
 
 
-__all__ = ["ENVIRONMENTS", "Environment", "StepResult", "Task", "ArithmeticEnv", "MultiHopEnv", "RealQAEnv", "make_env", "option_names"]
+__all__ = ["ENVIRONMENTS", "Environment", "EnvOptions", "StepResult", "Task", "ArithmeticEnv", "MultiHopEnv",
+           "RealQAEnv", "check_options", "make_env", "option_names", "options_model"]

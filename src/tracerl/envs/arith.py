@@ -11,8 +11,10 @@ import random
 import re
 from typing import Any
 
+from pydantic import Field
+
+from tracerl.envs.base import EnvOptions, StepResult, Task, TrainSize
 from tracerl.errors import OptionError
-from tracerl.envs.base import StepResult, Task
 
 SPLITS = ("train", "validation", "test", "heldout")
 INSTRUCTION = "Solve the problem. Think inside <think></think>, then give the number in <answer></answer>."
@@ -74,6 +76,20 @@ def _problem(rng: random.Random, ops: tuple[str, ...]) -> tuple[str, list[list[A
     return " ".join(sentences), steps
 
 
+class ArithOptions(EnvOptions):
+    """env.options of `arith`: split sizes and the turn length."""
+
+    train_size: TrainSize = Field(2000, description="Problems in the train split (>= 1).")
+    validation_size: int = Field(200, ge=0, description="Problems in the validation split.")
+    test_size: int = Field(200, ge=0, description="Problems in the test split.")
+    heldout_size: int = Field(200, ge=0, description="Problems in the heldout split (operation sequences never trained on).")
+    max_turn_chars: int | None = Field(None, ge=1, description="Longest answer turn in characters; longer turns are format errors (None: no cap).")
+
+    def check(self, max_turns: int) -> None:
+        if max_turns != 1:
+            raise ValueError(f"environment 'arith' is single-turn: set env.max_turns=1 (got {max_turns})")
+
+
 class ArithmeticEnv:
     """Single-turn arithmetic word problems with a numeric checker."""
 
@@ -88,7 +104,7 @@ class ArithmeticEnv:
         if max_turns != 1:
             raise OptionError(f"environment 'arith' is single-turn: set env.max_turns=1 (got {max_turns})")
         if min(train_size, validation_size, test_size, heldout_size) < 0:
-            raise ValueError("split sizes must be >= 0")
+            raise OptionError("split sizes must be >= 0")
         self.seed, self.max_turn_chars = seed, max_turn_chars
         sizes = {"validation": validation_size, "test": test_size, "train": train_size, "heldout": heldout_size}
         self._splits = self._make_splits(sizes)
@@ -127,7 +143,7 @@ class ArithmeticEnv:
     def tasks(self, split: str) -> list[Task]:
         """All tasks of a split ("train", "validation", "test", "heldout")."""
         if split not in self._splits:
-            raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+            raise OptionError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
         return list(self._splits[split])
 
     def system_prompt(self) -> str | None:

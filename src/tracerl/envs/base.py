@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Annotated, Any, Protocol, runtime_checkable
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from tracerl.task import Task  # defined at the bottom layer (trees use it too); still importable from here
 
@@ -28,6 +30,28 @@ class StepResult:
     info: dict[str, Any] = field(default_factory=dict)
     # info keys used by the trainer: "format_error" (str | None), "tool_call" (bool),
     # "em" (float), "f1" (float), "action" ("search" | "answer" | "invalid"), "truncated" (bool)
+
+
+def _non_empty_train(v: int) -> int:
+    if v < 1:
+        raise ValueError(f"must be >= 1 (the train split cannot be empty), got {v!r}")
+    return v
+
+
+TrainSize = Annotated[int, AfterValidator(_non_empty_train)]  # RL and the SFT demos draw from the train split
+
+
+class EnvOptions(BaseModel):
+    """Typed `env.options` of one environment, registered with it (`ENVIRONMENTS.register(name,
+    options=...)`) and checked when the config is validated, before anything is built or written.
+
+    Strict: values keep the types YAML gives them (no "3" for 3), unknown keys are errors. Every
+    field carries a one-line `description`; its default is the constructor's."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    def check(self, max_turns: int) -> None:
+        """Rules between the options and the shared key env.max_turns; a ValueError names the keys."""
 
 
 @runtime_checkable

@@ -14,10 +14,13 @@ import functools
 import random
 from typing import Any, Callable
 
+from pydantic import Field, field_validator
+
 from tracerl.envs.answers import exact_match, f1_score
-from tracerl.envs.base import StepResult, Task
+from tracerl.envs.base import EnvOptions, StepResult, Task, TrainSize
 from tracerl.envs.tags import strip_think, tag_body
 from tracerl.envs.world import RELATIONS, SPLITS, WorldConfig, build_world, with_articles
+from tracerl.errors import OptionError
 
 INSTRUCTION = (
     "Answer the question. Think inside <think></think>, then either look up an entity with "
@@ -106,6 +109,37 @@ def _sentence(text: str) -> str:
     return with_articles(text[:1].upper() + text[1:])
 
 
+class MultiHopOptions(EnvOptions):
+    """env.options of `multihop`: retrieval, turn length and the generated world's size and question mix."""
+
+    top_k: int = Field(3, ge=1, description="Documents returned per search.")
+    max_turn_chars: int | None = Field(None, ge=1, description="Longest model turn in characters; longer turns are format errors (None: no cap).")
+    n_entities: int = Field(WorldConfig.n_entities, ge=40, description="Entities in the world (people, organisations, cities, works, countries).")
+    hop_mix: dict[int, float] = Field(default_factory=lambda: dict(WorldConfig.hop_mix), description="Share of k-hop questions, {hops: weight} with hops in 1..4 (4 needs env.max_turns >= 5).")
+    train_size: TrainSize = Field(WorldConfig.train_size, description="Questions in the train split (>= 1).")
+    validation_size: int = Field(WorldConfig.validation_size, ge=0, description="Questions in the validation split.")
+    test_size: int = Field(WorldConfig.test_size, ge=0, description="Questions in the test split.")
+    heldout_size: int = Field(WorldConfig.heldout_size, ge=0, description="Questions in the heldout split (relation chains never trained on).")
+    heldout_fraction: float = Field(WorldConfig.heldout_fraction, gt=0, lt=1, description="Share of the 2+ hop relation chains reserved for heldout.")
+
+    @field_validator("hop_mix", mode="before")
+    @classmethod
+    def _hop_weights(cls, v: Any) -> Any:
+        try:
+            mix = {int(k): float(w) for k, w in (v.items() if isinstance(v, dict) else v)}
+        except (TypeError, ValueError):
+            raise ValueError(f"must map hop counts to weights, e.g. {{1: 0.2, 2: 0.8}}, got {v!r}"[:160]) from None
+        if not mix or any(k not in (1, 2, 3, 4) or w < 0 for k, w in mix.items()) or sum(mix.values()) <= 0:
+            raise ValueError(f"needs hop counts in 1..4 with weights >= 0 and one > 0, got {mix}")
+        return mix
+
+    def check(self, max_turns: int) -> None:
+        hops = max(k for k, w in self.hop_mix.items() if w > 0)
+        if hops + 1 > max_turns:
+            raise ValueError(f"env.max_turns={max_turns} is too few for the {hops}-hop questions of env.options.hop_mix "
+                             f"(a search per hop, then the answer): raise env.max_turns to {hops + 1} or drop them from hop_mix")
+
+
 class MultiHopEnv:
     """Multi-hop question answering with a BM25 search tool over a generated world."""
 
@@ -117,13 +151,15 @@ class MultiHopEnv:
                  **world_options: Any):
         unknown = sorted(set(world_options) - set(self.extra_options))
         if unknown:
-            raise ValueError(f"unknown multihop option {unknown[0]!r}; valid world options: {', '.join(self.extra_options)}")
+            raise OptionError(f"unknown multihop option {unknown[0]!r}; valid world options: {', '.join(self.extra_options)}")
         if max_turns < 1:
-            raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+            raise OptionError(f"max_turns must be >= 1, got {max_turns}")
+        if top_k < 1:
+            raise OptionError(f"top_k must be >= 1, got {top_k}")
         config = WorldConfig(**world_options)
         if config.max_hops + 1 > max_turns:
-            raise ValueError(f"{config.max_hops}-hop questions need max_turns >= {config.max_hops + 1}, "
-                             f"got max_turns={max_turns}; raise max_turns or drop them from hop_mix")
+            raise OptionError(f"{config.max_hops}-hop questions need max_turns >= {config.max_hops + 1}, "
+                              f"got max_turns={max_turns}; raise max_turns or drop them from hop_mix")
         self.seed, self.top_k, self.max_turns, self.max_turn_chars = seed, top_k, max_turns, max_turn_chars
         self.world = build_world(seed, config, top_k)
         # Retrieval is deterministic, so repeated queries (common in RL) can share one observation.

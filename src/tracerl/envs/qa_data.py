@@ -49,18 +49,30 @@ def read_records(path: str | Path) -> Iterator[tuple[int, Any]]:
     """(line number, record) pairs of a JSONL or parquet file (parquet: row number from 1)."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"data file {p} does not exist")
+        raise DataError(f"data file {p} {'is not a file' if p.exists() else 'does not exist'}")
     if p.suffix == ".parquet":
         yield from _parquet_rows(p)
         return
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    try:
+        f = p.open("rb")
+    except OSError as e:
+        raise DataError(f"data file {p} cannot be read: {e.strerror or e}") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{p}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+                raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{p}:{lineno}: not valid JSON (nested too deeply)") from None
+            except ValueError as e:  # e.g. an integer beyond Python's digit limit
+                raise DataError(f"{p}:{lineno}: not valid JSON ({' '.join(str(e).split())[:120]})") from None
 
 
 def _parquet_rows(p: Path) -> Iterator[tuple[int, Any]]:

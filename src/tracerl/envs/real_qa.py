@@ -28,9 +28,11 @@ import functools
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from tracerl.envs.base import StepResult, Task
+from pydantic import Field, field_validator, model_validator
+
+from tracerl.envs.base import EnvOptions, StepResult, Task
 from tracerl.envs.multihop import format_docs, protocol_step
 from tracerl.envs.qa_data import QAItem, load_corpus, load_qa_file, pooled_documents
 from tracerl.errors import DataError, OptionError
@@ -62,6 +64,61 @@ def _clip(text: str, max_chars: int | None) -> str:
         return text
     cut = text[:max_chars].rsplit(" ", 1)[0]
     return cut + " ..."
+
+
+Paths = str | list[str] | None
+
+
+class RealQAOptions(EnvOptions):
+    """env.options of `real_qa`: question files per split, the search tool and text limits."""
+
+    top_k: int = Field(3, ge=1, description="Documents returned per search.")
+    max_turn_chars: int | None = Field(None, ge=1, description="Longest model turn in characters; longer turns are format errors (None: no cap).")
+    train_files: Paths = Field(None, description="Question file(s) of the train split (JSONL or parquet; relative to data_root).")
+    validation_files: Paths = Field(None, description="Question file(s) of the validation split.")
+    test_files: Paths = Field(None, description="Question file(s) of the test split.")
+    heldout_files: Paths = Field(None, description="Question file(s) of the heldout split.")
+    data_root: str | None = Field(None, min_length=1, description="Directory that relative file paths are resolved against (None: the working directory).")
+    retrieval: Literal["pooled", "per_question"] = Field("pooled", description="Without corpus or retriever_url: index all paragraphs of a question's file (pooled) or only its own (per_question).")
+    corpus: str | None = Field(None, min_length=1, description="BM25 over this corpus file instead of the questions' paragraphs.")
+    retriever_url: str | None = Field(None, description="A Search-R1-style retrieval server (http://host:port); takes precedence over corpus.")
+    retriever_timeout: float = Field(10.0, gt=0, description="Seconds one retrieval request may take.")
+    retriever_retries: int = Field(3, ge=0, description="Retries of a failed retrieval request before the run stops.")
+    validation_size: int = Field(0, ge=0, description="Train questions held out as the validation split (only without validation_files).")
+    max_per_file: int | None = Field(None, ge=1, description="Read at most this many questions per file (None: all).")
+    max_doc_chars: int | None = Field(None, ge=1, description="Clip each shown document to about this many characters (None: no clip).")
+
+    @field_validator("train_files", "validation_files", "test_files", "heldout_files", mode="before")
+    @classmethod
+    def _paths(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and v.strip()):
+            return v
+        if isinstance(v, list) and v and all(isinstance(f, str) and f.strip() for f in v):
+            return v
+        raise ValueError(f"must be a path or a non-empty list of paths, got {v!r}"[:160])
+
+    @field_validator("retriever_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// address, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _splits(self) -> "RealQAOptions":
+        given = {split: _as_list(getattr(self, f"{split}_files"), f"{split}_files") for split in SPLITS}
+        if not any(given.values()):
+            raise ValueError("environment 'real_qa' needs question files: set env.options.train_files and/or "
+                             "env.options.test_files (paths)")
+        leaked = set(given["train"]) & {f for split in ("validation", "test", "heldout") for f in given[split]}
+        if leaked:
+            raise ValueError(f"env.options: {sorted(leaked)[0]} is both a training file and an evaluation file")
+        if self.validation_size and given["validation"]:
+            raise ValueError("env.options.validation_size holds train questions out as the validation split; "
+                             "it cannot be combined with env.options.validation_files")
+        if self.validation_size and not given["train"]:
+            raise ValueError("env.options.validation_size holds train questions out, but env.options.train_files is not set")
+        return self
 
 
 class RealQAEnv:
@@ -139,7 +196,7 @@ class RealQAEnv:
     def tasks(self, split: str) -> list[Task]:
         """The questions of a split, in file order (empty if no file was given for it)."""
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+            raise OptionError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
         return list(self._splits[split])
 
     def system_prompt(self) -> str | None:

@@ -25,6 +25,7 @@ import Stemmer
 
 from tracerl.envs.answers import normalize_answer
 from tracerl.envs.base import Task
+from tracerl.errors import OptionError
 from tracerl.tools.bm25 import BM25Search
 
 SPLITS = ("train", "validation", "test", "heldout")
@@ -109,17 +110,17 @@ class WorldConfig:
         try:
             mix = {int(k): float(v) for k, v in mix.items()}
         except (TypeError, ValueError):
-            raise ValueError(f"hop_mix must map hop counts to weights, got {self.hop_mix!r}") from None
+            raise OptionError(f"hop_mix must map hop counts to weights, got {self.hop_mix!r}") from None
         if not mix or any(k not in (1, 2, 3, 4) or v < 0 for k, v in mix.items()) or sum(mix.values()) <= 0:
-            raise ValueError(f"hop_mix needs hop counts in 1..4 with non-negative weights, got {mix}")
+            raise OptionError(f"hop_mix needs hop counts in 1..4 with non-negative weights, got {mix}")
         # Stored as a sorted tuple so the config stays hashable (worlds are cached by config).
         object.__setattr__(self, "hop_mix", tuple(sorted((k, v) for k, v in mix.items() if v > 0)))
         if self.n_entities < 40:
-            raise ValueError(f"n_entities must be >= 40, got {self.n_entities}")
+            raise OptionError(f"n_entities must be >= 40, got {self.n_entities}")
         if min(self.train_size, self.validation_size, self.test_size, self.heldout_size) < 0:
-            raise ValueError("split sizes must be >= 0")
+            raise OptionError("split sizes must be >= 0")
         if not 0 < self.heldout_fraction < 1:
-            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+            raise OptionError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
 
     @property
     def max_hops(self) -> int:

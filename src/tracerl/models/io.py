@@ -65,16 +65,72 @@ def check_model_dir(path: str | os.PathLike) -> Path:
         raise ModelLoadError(f"model path {p} has a config.json but no model.safetensors weights")
     if not any((p / name).is_file() for name in TOKENIZER_FILES):
         raise ModelLoadError(f"model path {p} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+    if "model_type" not in read_json_object(p / "config.json"):
+        raise ModelLoadError(f"{p / 'config.json'} has no model_type; expected a config written by save_pretrained")
+    for name in TOKENIZER_FILES:
+        if (p / name).is_file():
+            read_json_object(p / name)
+    for shard in _weight_shards(p):
+        check_safetensors(shard)
     return p
 
 
+def read_json_object(path: Path) -> dict:
+    """The JSON object in `path`, or a one-line ModelLoadError naming the file and what is wrong."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ModelLoadError(f"{path} is not UTF-8 text (byte {e.start}); the file is damaged") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except RecursionError:
+        raise ModelLoadError(f"{path} is not valid JSON (nested too deeply)") from None
+    except OSError as e:
+        raise ModelLoadError(f"{path} cannot be read: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _weight_shards(p: Path) -> list[Path]:
+    """The safetensors files of a model directory (one file, or the shards its index names)."""
+    if (p / WEIGHT_FILES[0]).is_file():
+        return [p / WEIGHT_FILES[0]]
+    index = p / WEIGHT_FILES[1]
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelLoadError(f"{index} has no weight_map; expected an index written by save_pretrained")
+    shards = [p / name for name in sorted(set(map(str, weight_map.values())))]
+    missing = [s for s in shards if not s.is_file()]
+    if missing:
+        raise ModelLoadError(f"{index} names {missing[0].name}, which is missing from {p}")
+    return shards
+
+
+def check_safetensors(path: Path) -> None:
+    """One-line ModelLoadError unless `path` has a readable safetensors header covering the whole file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for damaged files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"{path} is not a readable safetensors file ({reason}); the weights are damaged") from None
+
+
 def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """Load `(model, tokenizer)` from a local directory; never touches the network."""
+    """Load `(model, tokenizer)` from a local directory; never touches the network. A directory that
+    passes `check_model_dir` but still fails to load is reported in one line naming it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = check_model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ModelLoadError(f"model path {p} cannot be loaded ({type(e).__name__}: {reason})") from e
     return model, tokenizer
 
 
