@@ -118,3 +118,16 @@ def test_the_tokenizer_comes_from_the_checkpoint(run, monkeypatch):
         assert "<new-entity>" not in tr.tokenizer.get_vocab()
     finally:
         tr.release()
+
+
+def test_resuming_a_finished_run_repeats_nothing_and_clears_debris(run):
+    from tracerl.runlog import read_jsonl
+
+    evals = read_jsonl(run / rundir.EVAL_FILE)
+    debris = run / rundir.CHECKPOINT_DIR / ".pruning-step_000001"  # a kill inside pruning left this
+    (debris / "model").mkdir(parents=True)
+    out, result = train(None, [], resume=str(run), **QUIET)
+    assert read_jsonl(out / rundir.EVAL_FILE) == evals  # the final evaluation is not run or logged again
+    final = {k: v for k, v in evals[-1].items() if k not in ("step", "split")}
+    assert evals[-1]["step"] == 2 and result == final
+    assert not debris.exists()

@@ -160,3 +160,18 @@ def test_progress_on_a_terminal_uses_a_live_bar():
         for step in range(1, 4):
             bar.update(step, {"reward_mean": 0.5})
     assert "3/3" in out.getvalue() and "reward 0.5" in out.getvalue()
+
+
+def test_a_full_disk_on_a_row_is_one_line_naming_the_file(tmp_path):
+    from tracerl.errors import TracerlError
+
+    log = RunLogger(tmp_path, tensorboard=False)
+    path = tmp_path / "metrics.jsonl"
+    log._files[path].close()
+    log._files[path] = open("/dev/full", "a")  # every write ends in ENOSPC, as on a really full disk
+    with pytest.raises(TracerlError) as e:
+        log.log_step(1, _metrics(1))
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "no space left on device" in msg and "resumes" in msg
+    log._files[path] = open(path, "a")
+    log.close()

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tracerl.errors import TracerlError
 from tracerl.rundir import EVAL_FILE, METRICS_FILE, TB_DIR, atomic_write_text
 
 
@@ -176,9 +177,13 @@ class RunLogger:
 
     def _append(self, path: Path, row: Mapping[str, Any]) -> None:
         f = self._files[path]
-        f.write(dump_row(row))
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            f.write(dump_row(row))
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as e:  # e.g. a full disk: one line naming the file (a resume drops a partial row)
+            raise TracerlError(f"could not append to {path}: {(e.strerror or str(e)).lower()}; the run stops "
+                               "here and resumes from its last checkpoint once this is fixed") from None
 
     def _scalars(self, prefix: str, step: int, metrics: Mapping[str, Any]) -> None:
         if self._tb is None:

@@ -34,8 +34,8 @@ from tracerl.allocate import ALLOCATORS, AllocationContext
 from tracerl.allocate.predictor import SuccessPredictor, TextEncoder
 from tracerl.allocate.sharded import ShardedEngine, ShardedPredictor, fingerprint, owner
 from tracerl.backends.hf import HFPolicy, SamplingParams
-from tracerl.checkpoint import (latest_checkpoint, load_tensors, read_optimizer, read_state, save_checkpoint,
-                                save_tensors, set_rng_state)
+from tracerl.checkpoint import (latest_checkpoint, load_tensors, read_optimizer, read_state, remove_debris,
+                                save_checkpoint, save_tensors, set_rng_state)
 from tracerl.config import Config, ConfigError, dump_config, load_config
 from tracerl.credit import CreditStep, TokenCredit, write_samples
 from tracerl.credit.attention import SUPPORTED_MODEL_TYPES
@@ -47,7 +47,7 @@ from tracerl.models.io import load_policy
 from tracerl.objective import Denominators, LossSpec, objective, score_only
 from tracerl.packing import TokenBatch, build_batch, join_packs, split_by_pack
 from tracerl.rollout import RolloutCost, RolloutEngine
-from tracerl.runlog import Progress, RunLogger
+from tracerl.runlog import Progress, RunLogger, read_jsonl
 from tracerl.setup import apply_threads, build_env, preflight, resolve_model_path, uses_sft
 from tracerl.sft import split_train
 from tracerl.tree import RolloutTree, mixed_anchors, tree_leaves, write_jsonl
@@ -172,6 +172,7 @@ class Trainer:
         try:
             self._lock = rundir.RunLock(self.run_dir)
             if self.resume_dir is not None:
+                remove_debris(self.run_dir / rundir.CHECKPOINT_DIR)  # what a kill inside a save or prune left
                 ckpt = latest_checkpoint(self.run_dir / rundir.CHECKPOINT_DIR)
                 if ckpt is not None:
                     resume_rules.record(self.run_dir, self.cfg, self.config_changes, read_state(ckpt)["step"])
@@ -617,12 +618,23 @@ class Trainer:
                     bar.update(step + 1, {**metrics, "val_em": last_eval["em"]})
                 if (t.checkpoint_every and (step + 1) % t.checkpoint_every == 0) or done:
                     self.save(step + 1)
-        if self.start_step >= t.steps and not last_eval:
-            last_eval = self.evaluate(t.steps)
+        if self.start_step >= t.steps and not last_eval:  # resumed from the final checkpoint
+            last_eval = self._logged_eval(t.steps) or self.evaluate(t.steps)
         self.logger.close()
         self._on_main("writing the report", self._finish, last_eval)
         self.release()
         return last_eval
+
+    def _logged_eval(self, step: int) -> dict[str, float] | None:
+        """The validation row of `step` already in eval.jsonl (written before that step's checkpoint), so a
+        resume of a finished run neither repeats nor duplicates it; rank 0 reads it for every rank."""
+        row = None
+        if self.world.is_main:
+            path = self.run_dir / rundir.EVAL_FILE
+            rows = [r for r in read_jsonl(path) if r.get("step") == step and r.get("split") == "validation"] \
+                if path.is_file() else []
+            row = {k: v for k, v in rows[-1].items() if k not in ("step", "split")} if rows else None
+        return self.world.broadcast(row)
 
     def _finish(self, result: dict[str, float]) -> None:
         from tracerl.report import write_report
