@@ -167,8 +167,10 @@ def test_routed_update_is_the_same_on_both_layouts(tmp_path, model_dir):
 ], ids=["chains-self-annotator", "trees-all-tokens", "arith-all-tokens-topk"])
 def test_train_step_with_real_rollouts(tmp_path, model_dir, env, extra):
     tr = _trainer(tmp_path, model_dir, [*extra, "distill.warmup_steps=0", "rollout.group_size=2",
-                                        "rollout.max_turn_tokens=8"], env)
+                                        "rollout.max_turn_tokens=8", "algo.entropy_coef=0.01"], env)
+    before = [p.detach().clone() for p in tr.model.parameters()]
     m = tr.train_step(0)
+    assert m["grad_norm"] > 0 and any(not torch.equal(a, b) for a, b in zip(before, tr.model.parameters()))
     assert m["distill_weight"] == 1.0 and all(k in m for k in ("teacher_s", "key_token_frac", "annotator_invalid_rate"))
     if "distill.annotator=self" in extra:  # a random model writes no valid JSON: counted, never a crash
         assert m["annotated_leaves"] > 0 and m["annotator_invalid_rate"] == 1.0 and m["teacher_rows"] == 0

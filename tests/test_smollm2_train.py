@@ -52,7 +52,7 @@ def test_smollm2_trains_with_the_trace_allocator(tmp_path):
         "rollout.allocator=trace", "algo.advantage=tree_grpo", "predictor.warmup=1", "predictor.hidden=16",
         "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_turn_tokens=16",
         "trainer.eval_size=2", "trainer.micro_batch_size=4", "trainer.lr=1e-5", "trainer.warmup_steps=0",
-        "trainer.tensorboard=false", "alloc.epsilon=0.0",
+        "trainer.tensorboard=false", "alloc.epsilon=0.0", "algo.entropy_coef=0.01", "algo.skip_uniform_groups=false",
     ])
     tr = Trainer(cfg, log=lambda *_: None)
     tr.setup()
@@ -61,5 +61,5 @@ def test_smollm2_trains_with_the_trace_allocator(tmp_path):
     assert [r["predictor_warm"] for r in rows] == [0, 1]
     for r in rows:
         assert r["pool_size"] == 4 and r["continuations"] > 0 and r["root_rollouts"] >= 2
-        assert r["gen_tokens"] > 0 and torch.isfinite(torch.tensor(r.get("loss", 0.0)))
+        assert r["gen_tokens"] > 0 and torch.isfinite(torch.tensor(r.get("loss", 0.0))) and r["grad_norm"] > 0
     assert "predictor_loss" in rows[-1] and 0.0 <= rows[-1]["predictor_brier"] <= 1.0
