@@ -168,10 +168,12 @@ def test_budgeted_allocators_charge_what_they_generate(tiny_policy, small_env, w
         if name == "knapsack":  # the solved prompt (rate 1.0) gets no rollouts, the unseen one all 8
             assert [t.task.id for t in trees] == [tasks[1].id] and len(trees[0].root.children) == 8
         if name == "trace":
-            M = root_rollouts(ctx.rollout, ctx.alloc)
+            M = root_rollouts(ctx.rollout, ctx.alloc)  # sized with the prior f: nothing measured before
             left, restarts = ctx.metrics["stage2_leftover"], ctx.metrics["stage2_restarts"]
+            assert ctx.metrics["stage1_rollouts"] == M and ctx.metrics["f_planned"] == ctx.alloc.continuation_fraction
             assert c.trajectories - c.continuations == M + left + restarts  # bare: Stage 1, root restarts, leftover
-            assert c.continuations + left + restarts == M * ctx.alloc.continuations
+            if c.continuations:  # the step's measured f moved the running estimate the predictor carries
+                assert predictor.costs.f == pytest.approx(0.7 * 0.5 + 0.3 * c.continuation_fraction)
             assert all(len(t.root.children) == 1 for t in trees)  # one bare rollout per tree
             for t in trees:  # at most cap_anchor continuations per prefix
                 assert all(len(n.children) <= 1 + ctx.alloc.cap_anchor for n in t.nodes.values() if n.id)
@@ -217,16 +219,19 @@ def test_stage2_rounds_skip_mixed_prefixes_and_restart_agreeing_prompts_from_the
         leaves_before = sum(len(t.leaf_ids()) for t in trees)
         by_prompt = [[a, b], [c]]
         c_prefixes = sum(1 for n in c.nodes.values() if n.id and not n.done)
-        leftover, restarted = _stage2(ctx, by_prompt, [6, 8], [0.5, 0.5])
+        meter = ctx.meter(2)  # no token budget: Stage 2 spends the prompts' own budgets
+        budgets = [6 * meter.f * 20.0, 8 * meter.f * 20.0]  # 6 and 8 continuations of f · 20 tokens
+        spent_before = eng.cost.gen_tokens
+        left, restarted = _stage2(ctx, meter, by_prompt, budgets, [0.5, 0.5], [20.0, 20.0])
         assert len(a.nodes[mid[0]].children) == children_before  # the mixed prefix got nothing
-        new_leaves = sum(len(t.leaf_ids()) for ts in by_prompt for t in ts) - leaves_before  # one per continuation
-        assert new_leaves + sum(leftover) == 14  # root restarts included (one leaf each)
+        assert sum(len(t.leaf_ids()) for ts in by_prompt for t in ts) > leaves_before
+        assert eng.cost.gen_tokens - spent_before == pytest.approx(sum(budgets) - sum(left))  # charged as generated
         assert restarted == len(by_prompt[0]) + len(by_prompt[1]) - 3  # root continuations = new bare trees
         assert all(t.group == c.group for t in by_prompt[1][1:]) and all(t.group == a.group for t in by_prompt[0])
         if not root:
             assert restarted == 0
-        if cap == 1:  # one round, one continuation per anchor: c's prefixes and its root (prompt 1 only failed)
-            assert restarted == 1 and leftover[1] == 8 - c_prefixes - 1
+        if cap == 1:  # one round, one continuation per anchor: c's prefixes and its root (prompt 1 only failed),
+            assert restarted == 1 and len(c.leaf_ids()) == 1 + c_prefixes  # a restart costing 1/f = 2 units
 
 
 def test_trace_config_is_validated_and_the_shipped_preset_loads():

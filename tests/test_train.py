@@ -80,7 +80,11 @@ def _full_and_half(tmp_path, extra):
     return full, half
 
 
-@pytest.mark.parametrize("extra", [[], TREE_RUN, TRACE_RUN], ids=["chains", "trees", "trace"])
+# chains under a step budget: the running cost estimates (chain tokens) size each wave and are checkpointed
+BUDGET_RUN = ["rollout.token_budget=80", "trainer.tree_log_every=2"]
+
+
+@pytest.mark.parametrize("extra", [[], TREE_RUN, TRACE_RUN, BUDGET_RUN], ids=["chains", "trees", "trace", "budget"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
     full, half = _full_and_half(tmp_path, extra)
     # a crash after step 2 would also leave rows of step 3: resume must drop them
@@ -94,10 +98,15 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
         rows = read_jsonl(full / "metrics.jsonl")
     if extra is TREE_RUN:
         assert all(r["continuations"] == 2 * 2 * 1 and r["leaves"] == 2 * 2 * 2 for r in rows)
-    if extra is TRACE_RUN:  # M = 8 / (1 + 2·0.5) = 4 bare rollouts over a pool of 4, 2 continuations each
+    if extra is TRACE_RUN:  # M = 8 / (1 + 2·f) bare rollouts over a pool of 4, f the running measured f
         assert [r["predictor_warm"] for r in rows] == [0, 1, 1, 1]
-        assert all(r["pool_size"] == 4 and r["root_rollouts"] + r["continuations"] == 12 for r in rows)
+        assert all(r["pool_size"] == 4 and r["root_rollouts"] == r["stage1_rollouts"] + r["stage2_restarts"]
+                   + r["stage2_leftover"] + r["budget_chains"] for r in rows)
+        # each step plans with the f the previous one left (the prior first), carried across the resume
+        assert rows[0]["f_planned"] == 0.5 and all(b["f_planned"] == a["f_running"] for a, b in zip(rows, rows[1:]))
         assert all(k in rows[-1] for k in ("predictor_loss", "predictor_brier", "predictor_ece", "prompts_used"))
+    if extra is BUDGET_RUN:  # 2 prompts × 80 tokens, passed by at most the last wave's longest trajectory
+        assert all(160 <= r["gen_tokens"] <= 160 + r["budget_last_wave_max"] for r in rows)
 
 
 @pytest.mark.parametrize("skip", ["weights", "optimizer"])

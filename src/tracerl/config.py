@@ -126,8 +126,8 @@ class RolloutConfig(Section):
     expansions: int = Field(2, ge=1, description="tree_grpo: nodes drawn per tree per round (N), uniformly with replacement from the root and non-leaf nodes.")
     rounds: int = Field(1, ge=0, description="tree_grpo: expansion rounds (L).")
     leaves_per_tree: int | None = Field(None, ge=1, description="tree_grpo: leaves kept per tree (K ≤ 1 + N·L; None keeps all).")
-    token_budget: int | None = Field(None, ge=1, description="Generated-token budget per prompt per step: chains or tree rounds are added until it is spent (equal-cost comparisons).")
-    max_budget_waves: int = Field(8, ge=1, description="With token_budget: at most this many extra waves (chains) or rounds (trees) per step.")
+    token_budget: int | None = Field(None, ge=1, description="Generated tokens per prompt per step: the step spends token_budget × prompts and stops, passing it by at most one trajectory (every allocator; equal-cost comparisons).")
+    max_budget_waves: int = Field(8, ge=1, description="With token_budget: at most this many top-up waves (chains) or Tree-GRPO rounds past rollout.rounds per step.")
 
     @model_validator(mode="after")
     def _tree_shape(self) -> "RolloutConfig":
@@ -142,9 +142,10 @@ class AllocConfig(Section):
     """Budget allocation of the dapo / pcl / knapsack / trace allocators (docs/trace.md §1–§5, §7)."""
 
     pool_factor: float = Field(2.0, ge=1, description="pcl / trace: candidate prompts scored per step = ceil(pool_factor · rollout.prompts_per_step).")
-    root_rollouts: int | None = Field(None, ge=2, description="trace: bare rollouts per step (M); None: round(prompts_per_step · group_size / (1 + N · continuation_fraction)), the expected cost of G chains per prompt.")
+    root_rollouts: int | None = Field(None, ge=2, description="trace: bare rollouts per step (M); None: sized from the step budget (token_budget, else G chains per prompt) and the running measured f and chain length: budget / (chain tokens · (1 + N · f)).")
     continuations: int = Field(2, ge=0, description="trace: continuations per bare rollout (N); prompt i gets m_i · N, spread over its chains' prefixes (Stage 2).")
-    continuation_fraction: float = Field(0.5, gt=0, le=2, description="trace: expected generated tokens of a continuation / of a bare chain (f), only used to size the default M.")
+    continuation_fraction: float = Field(0.5, gt=0, le=2, description="trace: prior of f (generated tokens of a continuation / of a bare chain) before the first measurement; then the running measured f sizes M and charges root restarts.")
+    cost_ema: float = Field(0.3, gt=0, le=1, description="Weight of one step's measurement in the running f and mean chain tokens (an EMA, checkpointed with the allocator's state).")
     cap_root: int = Field(16, ge=2, description="trace / knapsack: most bare rollouts per prompt (Stage 1 counts are 0 or 2..cap_root).")
     cap_anchor: int = Field(4, ge=1, description="trace: most continuations per prefix (Stage 2).")
     rounds: int = Field(2, ge=1, description="trace: Stage 2 in this many slices, anchors re-scored after each (prefixes already mixed get no more).")

@@ -102,6 +102,11 @@ def _demos(env: Environment, cfg: Config, notes: NoteDemos | None = None) -> lis
     if not tasks:
         raise DataError(f"train split of environment {env.name!r} is empty")
     tasks, _ = split_train(tasks, cfg.sft.rl_share, cfg.env.seed)
+    demo_task = getattr(env, "demo_task", None)  # an environment may keep some questions out of the demos
+    if demo_task is not None:
+        tasks = [t for t in tasks if demo_task(t)]
+        if not tasks:
+            raise DataError(f"environment {env.name!r} allows SFT demos of none of its train questions")
     rng = random.Random(cfg.sft.seed)
     noise = {"useless_search": cfg.sft.useless_search, "wrong_answer": cfg.sft.wrong_answer}
     out = []

@@ -31,6 +31,7 @@ from tracerl import resume_rules, rundir, seeding
 from tracerl.algos.advantages import tree_advantages
 from tracerl.algos.metrics import effective_ratio, zero_advantage_fraction
 from tracerl.allocate import ALLOCATORS, AllocationContext
+from tracerl.allocate.budget import CostModel
 from tracerl.allocate.predictor import SuccessPredictor, TextEncoder
 from tracerl.allocate.sharded import ShardedEngine, ShardedPredictor, fingerprint, owner
 from tracerl.backends.hf import HFPolicy, SamplingParams
@@ -58,7 +59,7 @@ TOTALS = ("cum_gen_tokens", "cum_trajectories", "cum_tool_calls")
 # weighted by each rank's leaves.
 SUMMED = {"gen_tokens", "prefill_tokens", "prefill_saved", "tool_calls", "trajectories", "continuations",
           "root_rollouts", "leaves", "trained_trajectories", "prompts_used", "train_tokens",
-          "train_tokens_per_leaf", "loss"}
+          "train_tokens_per_leaf", "loss", "rollout_gen_tokens", "annotator_gen_tokens", "annotator_policy_tokens"}
 SLOWEST = {"rollout_s", "update_s", "credit_s", "predictor_s", "sync_s", "gpu_mem_gib"}
 SHARED = {"lr", "grad_norm"}
 
@@ -142,6 +143,7 @@ class Trainer:
         self._setup_predictor()
         self.distiller = Distiller(cfg, self.env, self.policy, self.spec.temperature) if cfg.distill.mode != "off" else None
         self.prompt_stats: dict[str, float] = {}  # task id -> success rate of its leaves at its latest visit
+        self.costs = CostModel()  # running f and chain tokens of allocators without a predictor (it carries its own)
         self.start_step, self.totals = 0, {k: 0 for k in TOTALS}
         if self.resume_dir is not None:
             self._restore()
@@ -279,6 +281,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.start_step, self.totals = state["step"], state["totals"]
         self.prompt_stats = dict(state.get("prompt_stats", {}))
+        self.costs = CostModel.from_dict(state.get("alloc_costs"))
         saved = self.world.broadcast(load_tensors(ckpt, "predictor") if self.world.is_main else None)
         if self.predictor is not None:
             if saved is None:
@@ -325,7 +328,8 @@ class Trainer:
             predictor = ShardedPredictor(predictor, self.world) if predictor is not None else None
         tasks = self.sample_tasks(step)
         ctx = AllocationContext(engine, r, seeding.rng(seed, step, "allocator"), self.cfg.alloc, predictor,
-                                self.prompt_stats, self._drawer(step, tasks))
+                                self.prompt_stats, self._drawer(step, tasks),
+                                costs=None if self.predictor is not None else self.costs)
         trees = ALLOCATORS.get(r.allocator)(ctx, tasks)
         for t in trees:
             t.update_stats()
@@ -502,6 +506,9 @@ class Trainer:
         metrics.update(trained_trajectories=sum(len(la) for _, la in kept), lr=self.lr_at(step),
                        **self._cost_metrics(cost), prompts_used=len({t.group for t in own_trees}), **self.alloc_info,
                        **predictor_metrics, rollout_s=t1 - t0 - t_pred, update_s=time.time() - t1 - credit_s)
+        # the policy's tokens as its own annotator (distill.annotator=self) are generation it paid for
+        metrics["rollout_gen_tokens"] = metrics["gen_tokens"]
+        metrics["gen_tokens"] += int(metrics.get("annotator_policy_tokens", 0))
         if self.predictor is not None:
             metrics["predictor_s"] = t_pred
         if self.world.device.startswith("cuda"):  # peak allocated on this rank so far (the largest rank's, reduced)
@@ -585,7 +592,8 @@ class Trainer:
         model = self.gen_model if self.gen_model is not None else self.model
         save_checkpoint(self.run_dir / rundir.CHECKPOINT_DIR, step, model, self.tokenizer, optim,
                         {"totals": self.totals, "seed": self.cfg.run.seed, "model_path": str(self.model_path),
-                         "prompt_stats": self.prompt_stats, "world_size": self.world.size},
+                         "prompt_stats": self.prompt_stats, "world_size": self.world.size,
+                         "alloc_costs": self.costs.as_dict()},
                         keep=self.cfg.trainer.keep_checkpoints, extra=extra)
 
     def train(self) -> dict[str, float]:

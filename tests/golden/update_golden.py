@@ -53,6 +53,9 @@ PRESETS: dict[str, list[str]] = {
 #   dr_grpo: its normaliser is now the longest response, not the padded sequence length;
 #   tree_grpo_packed_ppo2: the old packed update summed the leaves' advantages before clipping, exact
 #   only at ratio 1; the new one clips each leaf's term, so it must match the per-leaf run instead.
+# Re-recorded for a stated reason: trace (2026-12-03, issue 18) — Stage 2 spends m_i·N·f chain-lengths of
+# measured tokens (a root restart costs a chain) and Stage 1 is sized from the running measured f, so
+# the samples differ from step 1 on; the estimator and loss code it exercises did not change.
 EXPECTED_TO_CHANGE = {"dr_grpo": None, "tree_grpo_packed_ppo2": "tree_grpo_ppo2"}
 
 

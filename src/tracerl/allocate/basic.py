@@ -1,15 +1,15 @@
 """The allocation context, the registry, and the uniform (GRPO chains) and random-expansion
-(Tree-GRPO) allocators, with the optional per-prompt generated-token budget that puts methods on
-equal measured cost."""
+(Tree-GRPO) allocators. With `rollout.token_budget`, every allocator spends exactly the step's budget
+of generated tokens, within one trajectory (`tracerl.allocate.budget`), so methods meet at equal
+measured cost."""
 
 from __future__ import annotations
 
-import math
 import random
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from tracerl.allocate.budget import CarriesCosts, CostModel, Meter
 from tracerl.config import AllocConfig, RolloutConfig
 from tracerl.envs.base import Task
 from tracerl.errors import OptionError, TracerlError
@@ -25,7 +25,10 @@ class AllocationContext:
     """Everything an allocator may use besides the step's prompts: the engine that grows trees (and
     measures their cost), the rollout and alloc sections, the step's RNG, the success predictor (for
     allocators registered with `uses_predictor`), each prompt's latest empirical success rate, and a
-    source of further prompts (pools, DAPO's refills). Allocators add their own metrics to `metrics`."""
+    source of further prompts (pools, DAPO's refills). Allocators add their own metrics to `metrics`.
+
+    `costs` holds the running cost estimates across steps (f, mean chain tokens); left None, it is the
+    predictor's (saved in its checkpoint state) when the predictor carries one, else a fresh one."""
 
     engine: "TreeEngine"  # tracerl.rollout.RolloutEngine, or the simulator's SimEngine
     rollout: RolloutConfig
@@ -36,6 +39,12 @@ class AllocationContext:
     draw: Callable[[int], list[Task]] | None = None  # n more prompts, none of them drawn before this step
     metrics: dict[str, float] = field(default_factory=dict)
     drawn: int = 0  # prompts obtained from `draw` this step
+    costs: CostModel | None = None
+
+    def __post_init__(self) -> None:
+        if self.costs is None:
+            carried = self.predictor.costs if isinstance(self.predictor, CarriesCosts) else None
+            self.costs = carried if carried is not None else CostModel()
 
     def more_tasks(self, n: int) -> list[Task]:
         """Up to n further prompts for this step (fewer if the split runs out)."""
@@ -50,6 +59,11 @@ class AllocationContext:
     def step_budget(self, prompts: int) -> int | None:
         """Generated tokens the step may spend with rollout.token_budget set (budget × prompts), else None."""
         return self.rollout.token_budget * prompts if self.rollout.token_budget else None
+
+    def meter(self, prompts: int) -> Meter:
+        """The step's meter: every job of the allocator runs through it (budget of `prompts` prompts)."""
+        return Meter(self.engine, self.step_budget(prompts), prompts, self.costs, self.alloc.continuation_fraction,
+                     self.rollout.max_budget_waves, self.alloc.cost_ema)
 
 
 Allocator = Callable[[AllocationContext, list[Task]], list[RolloutTree]]
@@ -69,38 +83,51 @@ def check_tree_shape(m: int, n: int, l: int, k: int | None) -> None:
                           f"(N = {n} expansions per round, L = {l} rounds)")
 
 
-def _prompt_tokens(trees: list[RolloutTree]) -> dict[int, int]:
-    """Generated tokens so far per prompt group (every node ever attached; pruning comes last)."""
-    used: dict[int, int] = defaultdict(int)
-    for t in trees:
-        used[t.group] += t.gen_tokens()
-    return used
+def round_robin(trees: list[RolloutTree], per_tree: list[int] | int) -> list[tuple[RolloutTree, int]]:
+    """Root jobs, per_tree[k] for trees[k], in rounds: every tree's j-th before any tree's (j+1)-th,
+    so a budget that stops part-way leaves the counts within one of each other."""
+    counts = per_tree if isinstance(per_tree, list) else [per_tree] * len(trees)
+    return [(t, 0) for j in range(max(counts, default=0)) for t, c in zip(trees, counts) if c > j]
+
+
+def grown(trees: list[RolloutTree]) -> list[RolloutTree]:
+    """The trees that got a trajectory (a budget may stop before reaching some), groups renumbered 0, 1, ..."""
+    out = [t for t in trees if len(t.nodes) > 1 or t.root.done]
+    ids: dict[int, int] = {}
+    for t in out:
+        ids.setdefault(t.group, len(ids))
+    for t in out:
+        t.group = ids[t.group]
+    return out
 
 
 @ALLOCATORS.register("uniform")
 def uniform(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
     """GRPO: G chains from each prompt's root (one tree per prompt whose leaves are all root children).
 
-    With `token_budget` set, chains are added to each prompt in waves until it has spent its budget
-    (each wave sized from the prompt's measured mean chain length; at least `group_size` chains)."""
+    With `token_budget` set, the step spends exactly its budget (within one trajectory): chains go to
+    the prompts in rounds (every prompt's j-th chain before any prompt's (j+1)-th), G rounds and then
+    more, until the budget is met, so the last round may leave some prompts one chain short of the rest."""
     engine, cfg = ctx.engine, ctx.rollout
+    meter = ctx.meter(len(tasks))
     trees = engine.plant(tasks, 1)
-    engine.grow([(t, 0) for t in trees for _ in range(cfg.group_size)])
-    if cfg.token_budget:
-        for _ in range(cfg.max_budget_waves):
-            used = _prompt_tokens(trees)
-            jobs = []
-            for t in trees:
-                left = cfg.token_budget - used[t.group]
-                n_leaves = len(t.leaf_ids())
-                if left <= 0 or not t.anchors():
-                    continue
-                mean_len = max(used[t.group] / max(n_leaves, 1), 1.0)
-                jobs += [(t, 0)] * max(1, math.floor(left / mean_len))
-            if not jobs:
-                break
-            engine.grow(jobs)
-    return trees
+    meter.run(round_robin(trees, cfg.group_size))
+    counts = {id(t): len(t.root.children) for t in trees}
+
+    def more(n: int) -> list[tuple[RolloutTree, int]]:  # the next n chains of the rounds
+        jobs: list[tuple[RolloutTree, int]] = []
+        open_ = [t for t in trees if not t.root.done]
+        while open_ and len(jobs) < n:
+            low = min(counts[id(t)] for t in open_)
+            for t in open_:
+                if counts[id(t)] == low and len(jobs) < n:
+                    jobs.append((t, 0))
+                    counts[id(t)] += 1
+        return jobs
+
+    meter.fill(more)
+    meter.finish(ctx.metrics)
+    return grown(trees)
 
 
 @ALLOCATORS.register("tree_grpo", makes_trees=True)
@@ -109,30 +136,35 @@ def tree_grpo(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
     N nodes per tree are drawn uniformly with replacement from the root and its non-leaf nodes and
     continued to the end; then K random leaves are kept per tree.
 
-    With `token_budget` set, rounds go on past L (up to `max_budget_waves` more) for each tree that
-    has not spent its share (budget / M) of the prompt's budget, and no leaf is pruned unless K is given."""
+    With `token_budget` set, the step spends exactly its budget (within one trajectory): the seed
+    chains and each round's draws run in budget-sized waves (every tree's k-th draw before any tree's
+    (k+1)-th) and stop once the budget is met; rounds go on past L (up to `max_budget_waves` more)
+    while it is not, and no leaf is pruned unless K is given."""
     engine, cfg, rng = ctx.engine, ctx.rollout, ctx.rng
     m, n, l, k = cfg.trees_per_prompt, cfg.expansions, cfg.rounds, cfg.leaves_per_tree
     check_tree_shape(m, n, l, None if cfg.token_budget else k)
+    meter = ctx.meter(len(tasks))
     trees = engine.plant(tasks, m)
-    engine.grow([(t, 0) for t in trees])
+    meter.run(sorted(((t, 0) for t in trees), key=lambda j: j[0].index))  # every prompt's first tree first
     extra = cfg.max_budget_waves if cfg.token_budget else 0
     for r in range(l + extra):
-        jobs = []
+        if meter.exhausted:
+            break
+        draws = []
         for t in trees:
-            # with a budget, each of the M trees may spend its share of the prompt's budget
-            if cfg.token_budget and t.gen_tokens() >= cfg.token_budget / m:
-                continue
             anchors = t.anchors()  # candidates fixed at the start of the round
             if anchors:
-                jobs += [(t, rng.choice(anchors)) for _ in range(n)]
-        if not jobs:
+                draws += [(d, (t, rng.choice(anchors))) for d in range(n)]
+        if not draws:
             break
-        engine.grow(jobs, continuation=True)
+        meter.run([job for _, job in sorted(draws, key=lambda x: x[0])], continuation=True)
+        if r >= l:
+            meter.added_waves += 1
     if k is not None:
         for t in trees:
             t.keep_random_leaves(k, rng)
-    return trees
+    meter.finish(ctx.metrics)
+    return grown(trees)
 
 
 def match_tree_shape(group_size: int, f: float, max_trees: int | None = None, n_choices=(1, 2, 3, 4),

@@ -2,11 +2,12 @@
 sampling, PCL-style filtering, Knapsack-style counts and TRACE (Stage 1 root counts on predicted
 values, Stage 2 continuations on predicted prefix values).
 
-All of them grow trees only through `ctx.engine`, so every generated token (discarded groups
-included) is charged in `engine.cost`. With `rollout.token_budget` set, the step may spend
-token_budget × (prompts in the batch) generated tokens: after the allocator's plan, extra root
-chains go to the prompts whose contrast gains most from one more chain until that is spent (at most
-`rollout.max_budget_waves` waves, each sized from the measured mean chain length).
+All of them grow trees only through the step's `Meter` (`tracerl.allocate.budget`), so every
+generated token (discarded groups included) is charged. With `rollout.token_budget` set, the step
+spends token_budget × (prompts in the batch) generated tokens, within one trajectory: the plan runs
+in budget-sized waves and stops once the budget is met; what it leaves goes to extra root chains, to
+the prompts whose contrast gains most from one more chain, in waves sized from what is left (at most
+`rollout.max_budget_waves` waves added by the budget).
 """
 
 from __future__ import annotations
@@ -14,22 +15,13 @@ from __future__ import annotations
 import heapq
 import math
 
-from tracerl.allocate.basic import ALLOCATORS, AllocationContext
+from tracerl.allocate.basic import ALLOCATORS, AllocationContext, grown, round_robin
+from tracerl.allocate.budget import Meter
 from tracerl.allocate.engine import NodeRef
-from tracerl.allocate.solvers import ROOT_SOLVERS, contrast, knapsack_counts, pcl_select, prefix_allocate_greedy
+from tracerl.allocate.solvers import (ROOT_SOLVERS, contrast, knapsack_counts, pcl_select, prefix_allocate_costed)
 from tracerl.config import AllocConfig, RolloutConfig, pool_size, root_rollouts
 from tracerl.envs.base import Task
 from tracerl.tree import RolloutTree
-
-
-def _renumber(trees: list[RolloutTree]) -> list[RolloutTree]:
-    """Contiguous group ids 0, 1, ... in order of first appearance."""
-    ids: dict[int, int] = {}
-    for t in trees:
-        ids.setdefault(t.group, len(ids))
-    for t in trees:
-        t.group = ids[t.group]
-    return trees
 
 
 def _root_values(ctx: AllocationContext, roots: list[RolloutTree]) -> list[float] | None:
@@ -61,32 +53,34 @@ def _marginal_picks(counts: list[int], v: list[float], n: int, cap: int) -> list
     return picks
 
 
-def _top_up(ctx: AllocationContext, prompts: list[list[RolloutTree]], v: list[float], budget: int | None,
+def _new_tree(ctx: AllocationContext, trees: list[RolloutTree]):
+    """A maker of one more tree of the prompt of `trees` (appended to it when made, i.e. when its job runs)."""
+    def make() -> RolloutTree:
+        new = ctx.engine.more_trees(trees[0], 1, len(trees))[0]
+        trees.append(new)
+        return new
+    return make
+
+
+def _top_up(ctx: AllocationContext, meter: Meter, prompts: list[list[RolloutTree]], v: list[float],
             tree_per_chain: bool) -> int:
-    """Root chains until the step's generated tokens reach `budget` (None: nothing). `prompts[i]` are
-    prompt i's trees: a new chain is a new tree (`tree_per_chain`) or one more root child of the first.
-    Returns the chains added."""
-    eng, added = ctx.engine, 0
-    if budget is None or not prompts:
+    """With a budget: root chains until the step's budget is met, each to the prompt whose contrast gains
+    most. `prompts[i]` are prompt i's trees: a new chain is a new tree (`tree_per_chain`) or one more root
+    child of the first. Returns the chains added."""
+    if meter.budget is None:
         return 0
-    for _ in range(ctx.rollout.max_budget_waves):
-        left = budget - eng.cost.gen_tokens
-        if left <= 0:
-            break
-        chains = eng.cost.trajectories - eng.cost.continuations
-        mean_len = max((eng.cost.gen_tokens - eng.cost.continuation_gen_tokens) / max(chains, 1), 1.0)
-        counts = [len(ts) if tree_per_chain else len(ts[0].root.children) for ts in prompts]
+    idx = [i for i, ts in enumerate(prompts) if ts and (tree_per_chain or not ts[0].root.done)]
+    counts = [len(prompts[i]) if tree_per_chain else len(prompts[i][0].root.children) for i in idx]
+
+    def more(n: int):
         jobs = []
-        for i in _marginal_picks(counts, v, max(1, math.floor(left / mean_len)), ctx.alloc.cap_root):
-            if tree_per_chain:
-                new = ctx.engine.more_trees(prompts[i][0], 1, len(prompts[i]))[0]
-                prompts[i].append(new)
-                jobs.append((new, 0))
-            else:
-                jobs.append((prompts[i][0], 0))
-        eng.grow(jobs)
-        added += len(jobs)
-    return added
+        for k in _marginal_picks(counts, [v[i] for i in idx], n, ctx.alloc.cap_root):
+            counts[k] += 1
+            ts = prompts[idx[k]]
+            jobs.append((_new_tree(ctx, ts), 0) if tree_per_chain else (ts[0], 0))
+        return jobs
+
+    return meter.fill(more) if idx else 0
 
 
 # ---------------------------------------------------------------------------------- DAPO
@@ -96,28 +90,33 @@ def _top_up(ctx: AllocationContext, prompts: list[list[RolloutTree]], v: list[fl
 def dapo(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
     """DAPO dynamic sampling (docs/trace.md §7.1): groups of G chains; groups whose binary rewards are all equal are
     dropped (their cost stays charged); fresh prompts are drawn for the missing groups, for at most
-    `alloc.dapo_rounds` rounds (and, with a token budget, no round starts once it is spent). Returns
-    at most B mixed groups; if no group was mixed, the first round's groups (all zero advantage)."""
+    `alloc.dapo_rounds` rounds. With a token budget, each round runs in budget-sized waves (every
+    group's j-th chain before any group's (j+1)-th) and nothing runs once the budget is met, so the last
+    round's groups may be one chain short. Returns at most B mixed groups; if no group was mixed, the
+    first round's groups (all zero advantage)."""
     eng, G, B = ctx.engine, ctx.rollout.group_size, len(tasks)
-    budget = ctx.step_budget(B)
+    meter = ctx.meter(B)
     kept: list[RolloutTree] = []
     first: list[RolloutTree] = []
-    batch, rounds, generated = list(tasks), 0, 0
-    while batch and rounds < ctx.alloc.dapo_rounds:
-        if rounds and budget is not None and eng.cost.gen_tokens >= budget:
-            break
-        trees = eng.plant(batch, 1, first_group=generated)
-        eng.grow([(t, 0) for t in trees for _ in range(G)])
+    batch, rounds, generated, next_group = list(tasks), 0, 0, 0
+    while batch and rounds < ctx.alloc.dapo_rounds and not meter.exhausted:
+        trees = eng.plant(batch, 1, first_group=next_group)
+        next_group += len(trees)
+        meter.run(round_robin(trees, G))
+        trees = [t for t in trees if len(t.nodes) > 1 or t.root.done]
         generated += len(trees)
         rounds += 1
         first = first or trees
         for t in trees:
             t.update_stats()
         kept += [t for t in trees if t.root.mixed][: B - len(kept)]
+        if meter.exhausted:
+            break
         batch = ctx.more_tasks(B - len(kept))
     ctx.metrics.update(dapo_rounds=float(rounds), dapo_groups_generated=float(generated),
                        dapo_groups_kept=float(len(kept)))
-    return _renumber(kept or first)
+    meter.finish(ctx.metrics)
+    return grown(kept or first)
 
 
 # ---------------------------------------------------------------------------------- PCL
@@ -129,14 +128,18 @@ def pcl(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
     predictor; the B with predicted v nearest 0.5 get G chains each. Before the predictor is warm, every
     v is 0.5 and the batch itself is taken (no scoring pass)."""
     B, G = len(tasks), ctx.rollout.group_size
+    meter = ctx.meter(B)
     pool = list(tasks) + ctx.more_tasks(pool_size(ctx.rollout, ctx.alloc) - B)
     roots = ctx.engine.plant(pool, 1)
     v = _root_values(ctx, roots) or [0.5] * len(pool)
     chosen = pcl_select(v, B)
-    trees = _renumber([roots[i] for i in chosen])
-    ctx.engine.grow([(t, 0) for t in trees for _ in range(G)])
-    _top_up(ctx, [[t] for t in trees], [v[i] for i in chosen], ctx.step_budget(B), tree_per_chain=False)
-    return trees
+    trees = [roots[i] for i in chosen]
+    for g, t in enumerate(trees):
+        t.group = g
+    meter.run(round_robin(trees, G))
+    _top_up(ctx, meter, [[t] for t in trees], [v[i] for i in chosen], tree_per_chain=False)
+    meter.finish(ctx.metrics)
+    return grown(trees)
 
 
 # ---------------------------------------------------------------------------------- Knapsack
@@ -148,14 +151,16 @@ def knapsack(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
     empirical success rate (`ctx.prompt_stats`; unseen: 0.5), counts in {0, 2..cap_root}; prompts with
     0 chains are left out this step."""
     B, G, cap = len(tasks), ctx.rollout.group_size, ctx.alloc.cap_root
+    meter = ctx.meter(B)
     rates = [ctx.prompt_stats.get(t.id) for t in tasks]
     counts = knapsack_counts(rates, min(B * G, cap * B), cap, ctx.alloc.knapsack_value)
     active = [i for i, m in enumerate(counts) if m]
     trees = ctx.engine.plant([tasks[i] for i in active], 1)
-    ctx.engine.grow([(t, 0) for t, i in zip(trees, active) for _ in range(counts[i])])
+    meter.run(round_robin(trees, [counts[i] for i in active]))
     v = [0.5 if rates[i] is None else rates[i] for i in active]
-    _top_up(ctx, [[t] for t in trees], v, ctx.step_budget(B), tree_per_chain=False)
-    return trees
+    _top_up(ctx, meter, [[t] for t in trees], v, tree_per_chain=False)
+    meter.finish(ctx.metrics)
+    return grown(trees)
 
 
 # ---------------------------------------------------------------------------------- TRACE
@@ -196,32 +201,40 @@ def stage1_counts(v: list[float] | None, n_pool: int, budget: int, cap: int, eps
     return counts
 
 
-def _more_bare(eng, by_prompt: list[list[RolloutTree]], counts: list[int]) -> int:
-    """counts[i] more bare rollouts of prompt i, each its own new tree, generated together; returns how many."""
-    new = []
-    for ts, n in zip(by_prompt, counts):
-        if n:
-            more = eng.more_trees(ts[0], n, len(ts))
-            ts += more
-            new += more
-    if new:
-        eng.grow([(t, 0) for t in new])
-    return len(new)
+def _bare(meter: Meter, ctx: AllocationContext, by_prompt: list[list[RolloutTree]], counts: list[int]) -> list[int]:
+    """counts[i] more bare rollouts of prompt i, each its own new tree (made only if its job runs), in
+    rounds over the prompts; returns the tokens each prompt spent on them."""
+    jobs, owner = [], []
+    for j in range(max(counts, default=0)):
+        for i, n in enumerate(counts):
+            if n > j and by_prompt[i]:
+                jobs.append((_new_tree(ctx, by_prompt[i]), 0))
+                owner.append(i)
+    spent = [0] * len(by_prompt)
+    for i, tokens in zip(owner, meter.run(jobs)):
+        spent[i] += tokens
+    return spent
 
 
-def _stage2(ctx: AllocationContext, by_prompt: list[list[RolloutTree]], totals: list[int],
-            root_v: list[float]) -> tuple[list[int], int]:
-    """Stage 2 (docs/trace.md §5): prompt i places totals[i] continuations in `alloc.rounds` slices. Each slice scores
-    the prompt's non-leaf prefixes (continuations' ones included) whose leaves all share one outcome r
-    (prefixes already mixed gain nothing more) with p = Ṽ(prefix), one predictor call per slice, and
-    places its share by the exact greedy (at most cap_anchor per prefix). With `alloc.stage2_root` the
-    prompt itself is one more anchor (r = the common outcome of all its leaves, p = its root value): a
-    continuation there is a new bare rollout. What a slice cannot place carries to the next; returns
-    (per-prompt leftover after the last slice, bare rollouts added as root continuations)."""
-    a, eng, rng = ctx.alloc, ctx.engine, ctx.rng
+def _stage2(ctx: AllocationContext, meter: Meter, by_prompt: list[list[RolloutTree]], budgets: list[float],
+            root_v: list[float], chain_tokens: list[float]) -> tuple[list[float], int]:
+    """Stage 2 (docs/trace.md §5): prompt i spends budgets[i] generated tokens (m_i·N continuations of f
+    chain-lengths each) in `alloc.rounds` slices. Each slice scores the prompt's non-leaf prefixes
+    (continuations' ones included) whose leaves all share one outcome r (prefixes already mixed gain
+    nothing more) with p = Ṽ(prefix), one predictor call per slice, and places an equal share of what the
+    prompt has left, in continuation units of f·chain_tokens[i] tokens, by the greedy on gain per unit
+    (at most cap_anchor per prefix). With `alloc.stage2_root` the prompt itself is one more anchor (r =
+    the common outcome of all its leaves, p = its root value): a continuation there is a root restart, a
+    new bare rollout, which costs a whole chain, 1/f units. Each slice charges the tokens its jobs
+    actually generated, so what a slice leaves or overspends moves to the next. Returns (per-prompt
+    tokens left after the last slice, root restarts)."""
+    a, rng = ctx.alloc, ctx.rng
+    f = meter.f
     warm = ctx.predictor is not None and ctx.predictor.warm
-    carry, restarted = [0] * len(by_prompt), 0
+    spent, restarted = [0.0] * len(by_prompt), 0
     for r in range(a.rounds):
+        if meter.exhausted:
+            break
         anchors: list[list[tuple[RolloutTree | None, int, int]]] = []  # per prompt: (tree | None = root, node, r)
         for ts in by_prompt:
             for t in ts:
@@ -235,21 +248,39 @@ def _stage2(ctx: AllocationContext, by_prompt: list[list[RolloutTree]], totals: 
             anchors.append(nodes)
         prefixes = [NodeRef(t, n) for nodes in anchors for t, n, _ in nodes if t is not None]
         p = iter(ctx.predictor.predict(prefixes) if warm and prefixes else [0.5] * len(prefixes))
-        jobs, roots = [], [0] * len(by_prompt)
+        planned, roots = [], [0] * len(by_prompt)  # (rank in its prompt's greedy order, prompt, job); restarts
         for i, nodes in enumerate(anchors):
-            k = totals[i] // a.rounds + (r < totals[i] % a.rounds) + carry[i]
             scored = [(o, root_v[i] if t is None else next(p)) for t, _, o in nodes]
-            plan = prefix_allocate_greedy(scored, k, a.cap_anchor)
-            carry[i] = plan.leftover
-            for (t, n, _), K in zip(nodes, plan.counts):
+            units = max(budgets[i] - spent[i], 0.0) / (a.rounds - r) / (f * chain_tokens[i])
+            plan = prefix_allocate_costed(scored, units, a.cap_anchor, [1 / f if t is None else 1.0 for t, _, _ in nodes])
+            for rank, j in enumerate(plan.order):
+                t, n, _ = nodes[j]
                 if t is None:
-                    roots[i] += K
+                    roots[i] += 1
                 else:
-                    jobs += [(t, n)] * K
-        if jobs:
-            eng.grow(jobs, continuation=True)
-        restarted += _more_bare(eng, by_prompt, roots)
-    return carry, restarted
+                    planned.append((rank, i, (t, n)))
+        planned.sort(key=lambda x: x[0])  # under a budget cut, every prompt's best continuations first
+        for (_, i, _), tokens in zip(planned, meter.run([job for _, _, job in planned], continuation=True)):
+            spent[i] += tokens
+        before = [len(ts) for ts in by_prompt]
+        for i, tokens in enumerate(_bare(meter, ctx, by_prompt, roots)):
+            spent[i] += tokens
+        restarted += sum(len(ts) - b for ts, b in zip(by_prompt, before))
+    return [b - s for b, s in zip(budgets, spent)], restarted
+
+
+def trace_root_rollouts(r: RolloutConfig, a: AllocConfig, prompts: int, pool: int, f: float,
+                        chain_tokens: float | None, budget: int | None) -> int:
+    """M, the step's bare rollouts: alloc.root_rollouts if given; else sized so the expected cost
+    M·(1 + N·f) chain-lengths matches the step's budget (when the running mean chain length is known),
+    or B·G chains; f is the running estimate. Between 2 and pool·cap_root."""
+    if a.root_rollouts is not None:
+        m = a.root_rollouts
+    elif budget is not None and chain_tokens:
+        m = round(budget / (chain_tokens * (1 + a.continuations * f)))
+    else:
+        m = round(prompts * r.group_size / (1 + a.continuations * f))
+    return min(max(2, m), pool * a.cap_root)
 
 
 def _check_trace(r: RolloutConfig, a: AllocConfig) -> str | None:
@@ -262,15 +293,20 @@ def _check_trace(r: RolloutConfig, a: AllocConfig) -> str | None:
 
 @ALLOCATORS.register("trace", uses_predictor=True, makes_trees=True, check=_check_trace)
 def trace(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
-    """TRACE (docs/trace.md §1–§5). Stage 1: M bare rollouts over a pool of ceil(pool_factor·B) prompts (the batch
-    first) by the exact DP on predicted root values (ε share to random pool prompts); each bare rollout
-    seeds its own tree. Stage 2 (`_stage2`), per prompt: m_i·N continuations in `alloc.rounds` slices
-    over its prefixes whose leaves share one outcome, by the exact greedy on q = r·p + (1 − r)(1 − p);
-    what finds no prefix becomes extra bare rollouts of that prompt. Cold start (predictor not warm):
-    uniform Stage 1 and p ≡ 0.5 in Stage 2 (anchors shuffled, so ties are random)."""
+    """TRACE (docs/trace.md §1–§5). Stage 1: M bare rollouts (`trace_root_rollouts`, sized with the
+    running f) over a pool of ceil(pool_factor·B) prompts (the batch first) by the exact DP on predicted
+    root values (ε share to random pool prompts); each bare rollout seeds its own tree. Stage 2
+    (`_stage2`), per prompt: m_i·N continuations' worth of tokens, m_i·N·f × the prompt's measured mean
+    chain tokens, in `alloc.rounds` slices over its prefixes whose leaves share one outcome, by the
+    greedy on q = r·p + (1 − r)(1 − p) per unit of cost (a root restart costs a chain); what finds no
+    prefix becomes extra bare rollouts of that prompt (one per chain's worth). Cold start (predictor
+    not warm): uniform Stage 1 and p ≡ 0.5 in Stage 2 (anchors shuffled, so ties are random). The
+    step's measured f then updates the running estimate (`CostModel`)."""
     a, eng, rng, B = ctx.alloc, ctx.engine, ctx.rng, len(tasks)
-    M = root_rollouts(ctx.rollout, a)
+    meter = ctx.meter(B)
+    f = meter.f
     pool = list(tasks) + ctx.more_tasks(pool_size(ctx.rollout, a) - B)
+    M = trace_root_rollouts(ctx.rollout, a, B, len(pool), f, ctx.costs.chain_tokens, meter.budget)
     roots = eng.plant(pool, 1)
     v = _root_values(ctx, roots)
     counts = stage1_counts(v, len(pool), M, a.cap_root, a.epsilon, a.root_solver, ctx.rollout.group_size, rng)
@@ -281,12 +317,19 @@ def trace(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
         by_prompt[t.group].append(t)
         if 0 in roots[active[t.group]].hidden:
             t.hidden[0] = roots[active[t.group]].hidden[0]
-    eng.grow([(t, 0) for t in trees])
+    stage1 = meter.run(sorted(((t, 0) for t in trees), key=lambda j: j[0].index))  # every prompt's first first
+    by_prompt = [[t for t in ts if len(t.nodes) > 1 or t.root.done] for ts in by_prompt]
+    chain_tokens = [max(sum(t.gen_tokens() for t in ts) / len(ts), 1.0) if ts else 1.0 for ts in by_prompt]
+    budgets = [len(ts) * a.continuations * f * c for ts, c in zip(by_prompt, chain_tokens)]
 
     root_v = [0.5] * len(active) if v is None else [v[i] for i in active]
-    leftover, restarts = _stage2(ctx, by_prompt, [counts[i] * a.continuations for i in active], root_v)
-    _more_bare(eng, by_prompt, leftover)
-    topped = _top_up(ctx, by_prompt, root_v, ctx.step_budget(B), tree_per_chain=True)
-    ctx.metrics.update(stage2_leftover=float(sum(leftover)), stage2_restarts=float(restarts), budget_chains=float(topped),
+    left, restarts = _stage2(ctx, meter, by_prompt, budgets, root_v, chain_tokens)
+    before = sum(len(ts) for ts in by_prompt)
+    _bare(meter, ctx, by_prompt, [max(round(x / c), 0) for x, c in zip(left, chain_tokens)])
+    leftover = sum(len(ts) for ts in by_prompt) - before
+    topped = _top_up(ctx, meter, by_prompt, root_v, tree_per_chain=True)
+    ctx.metrics.update(stage1_rollouts=float(len(stage1)), stage2_restarts=float(restarts),
+                       stage2_leftover=float(leftover), budget_chains=float(topped), f_planned=f,
                        explore_rollouts=float(min(2 * int(a.epsilon * M / 2), 2 * len(pool)) if v is not None else 0))
-    return [t for ts in by_prompt for t in ts]
+    meter.finish(ctx.metrics)
+    return grown([t for ts in by_prompt for t in ts])

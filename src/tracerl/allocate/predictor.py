@@ -9,7 +9,9 @@ node (a prompt's root pools all its trees), weighted by that leaf count, BCE wit
 
 The predictor only decides where rollouts go: it never enters the policy loss. All of its state
 (head, optimizer, moments, buffer, step count) round-trips through `state()` / `load_state()`, so a
-resumed run predicts exactly what the uninterrupted one did.
+resumed run predicts exactly what the uninterrupted one did. It also carries the allocators' running
+cost estimates (`costs`: the measured continuation fraction f and mean chain tokens, see
+`tracerl.allocate.budget`), saved and restored with it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tracerl import seeding
+from tracerl.allocate.budget import CostModel
 from tracerl.allocate.engine import NodeRef
 from tracerl.checkpoint import load_optimizer_tensors, optimizer_tensors
 from tracerl.errors import TracerlError
@@ -209,6 +212,7 @@ class SuccessPredictor:
         self.moments = RunningMoments(self.dim)
         self.buffer: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (step, x, y, w)
         self.trained_steps = 0
+        self.costs = CostModel()  # running cost estimates of the allocator (updated by it, checkpointed here)
 
     @property
     def warm(self) -> bool:
@@ -303,7 +307,7 @@ class SuccessPredictor:
         for i, (_, x, y, w) in enumerate(self.buffer):
             tensors.update({f"buffer.{i}.x": x.clone(), f"buffer.{i}.y": y.clone(), f"buffer.{i}.w": w.clone()})
         meta = {"trained_steps": self.trained_steps, "moments_count": self.moments.count, "optimizer": opt_meta,
-                "buffer_steps": [b[0] for b in self.buffer], "dim": self.dim}
+                "buffer_steps": [b[0] for b in self.buffer], "dim": self.dim, "costs": self.costs.as_dict()}
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -317,3 +321,4 @@ class SuccessPredictor:
         self.buffer = [(s, tensors[f"buffer.{i}.x"], tensors[f"buffer.{i}.y"], tensors[f"buffer.{i}.w"])
                        for i, s in enumerate(meta["buffer_steps"])]
         self.trained_steps = meta["trained_steps"]
+        self.costs = CostModel.from_dict(meta.get("costs"))  # checkpoints written before it: never measured

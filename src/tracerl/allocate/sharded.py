@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from tracerl.allocate.budget import CarriesCosts, CostModel
 from tracerl.allocate.engine import NodeRef, RolloutCost, TreeEngine, ValuePredictor
 from tracerl.distributed import World
 from tracerl.envs.base import Task
@@ -86,6 +87,12 @@ class ShardedPredictor:
     @property
     def warm(self) -> bool:
         return self.inner.warm
+
+    @property
+    def costs(self) -> CostModel | None:
+        """The wrapped predictor's running cost estimates (the same decisions on every rank: they are
+        measured on the shared trees)."""
+        return self.inner.costs if isinstance(self.inner, CarriesCosts) else None
 
     def predict(self, refs: Sequence[NodeRef]) -> list[float]:
         mine = [i for i, r in enumerate(refs) if owner(r.tree.group, self.world.size) == self.world.rank]

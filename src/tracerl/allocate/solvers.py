@@ -170,6 +170,38 @@ def prefix_allocate_greedy(anchors: Sequence[tuple[int, float]], budget: int, ca
     return Expansion(counts, left)
 
 
+class CostedExpansion(NamedTuple):
+    counts: list[int]  # continuations per anchor
+    order: list[int]  # the anchor of each planned continuation, best gain per unit of budget first
+    leftover: float  # budget units placed nowhere (every anchor at cap, or too dear for what is left)
+
+
+def prefix_allocate_costed(anchors: Sequence[tuple[int, float]], budget: float, cap: int,
+                           costs: Sequence[float]) -> CostedExpansion:
+    """Stage 2 with a cost per anchor (docs/trace.md §5): anchor j's continuations cost costs[j] budget
+    units each (1 for a prefix continuation; 1/f for a root restart, a whole bare chain). The k-th
+    continuation at anchor j gains q^(k−1)(1 − q); continuations are taken by gain per unit (ties: the
+    earlier anchor) while they fit, a budget rounded to the nearest unit (an item fits if its cost is at
+    most what is left + 0.5). With unit costs this is `prefix_allocate_greedy` on round(budget)."""
+    if cap < 0 or len(costs) != len(anchors) or any(c <= 0 for c in costs):
+        raise BudgetError(f"need cap ≥ 0 and one positive cost per anchor, got cap={cap}, costs={list(costs)[:4]}")
+    qs = [repeat_chance(r, p) for r, p in anchors]
+    counts, order = [0] * len(qs), []
+    heap = [(-(1 - q) / c, j) for j, (q, c) in enumerate(zip(qs, costs))] if cap else []
+    heapq.heapify(heap)
+    left = max(float(budget), 0.0)
+    while heap:
+        _, j = heapq.heappop(heap)
+        if costs[j] > left + 0.5:
+            continue  # too dear for what is left; its later continuations cost the same
+        counts[j] += 1
+        order.append(j)
+        left -= costs[j]
+        if counts[j] < cap:
+            heapq.heappush(heap, (-(qs[j] ** counts[j]) * (1 - qs[j]) / costs[j], j))
+    return CostedExpansion(counts, order, left)
+
+
 def expansion_gains(anchors: Sequence[tuple[int, float]], counts: Sequence[int]) -> list[tuple[float, int]]:
     """(gain, anchor) of every planned continuation, the k-th at anchor j gaining q^(k−1)(1 − q)."""
     out = []

@@ -180,6 +180,9 @@ class Distiller:
                         for k in capped_tokens(r, spans, d.max_spans, d.max_span_frac):
                             target[i, t.prompt_len + k] = 1.0
                 m["annotator_gen_tokens"] = float(self.annotator_gen_tokens)
+                # the part sampled by the policy itself (annotator=self): generation the trainer adds to
+                # gen_tokens / cum_gen_tokens, the cost equal-cost comparisons use (docs/cost.md §9)
+                m["annotator_policy_tokens"] = float(self.annotator_gen_tokens if d.annotator == "self" else 0)
             m["annotate_s"] = time.perf_counter() - t0
         tmask = mask[:, 1:]
         pg_mask, fkl_mask, rkl_mask = route_masks(d.mode, tmask, key[:, 1:], error[:, 1:], weight=w,

@@ -121,6 +121,7 @@ class MultiHopOptions(EnvOptions):
     test_size: int = Field(WorldConfig.test_size, ge=0, description="Questions in the test split.")
     heldout_size: int = Field(WorldConfig.heldout_size, ge=0, description="Questions in the heldout split (relation chains never trained on).")
     heldout_fraction: float = Field(WorldConfig.heldout_fraction, gt=0, lt=1, description="Share of the 2+ hop relation chains reserved for heldout.")
+    demo_max_hops: int | None = Field(None, ge=1, le=4, description="SFT demonstrations only from train questions with at most this many hops (None: all); RL still draws from the whole train split.")
 
     @field_validator("hop_mix", mode="before")
     @classmethod
@@ -138,6 +139,9 @@ class MultiHopOptions(EnvOptions):
         if hops + 1 > max_turns:
             raise ValueError(f"env.max_turns={max_turns} is too few for the {hops}-hop questions of env.options.hop_mix "
                              f"(a search per hop, then the answer): raise env.max_turns to {hops + 1} or drop them from hop_mix")
+        if self.demo_max_hops is not None and not any(k <= self.demo_max_hops for k, w in self.hop_mix.items() if w > 0):
+            raise ValueError(f"env.options.demo_max_hops={self.demo_max_hops} leaves no SFT demos: hop_mix has no questions "
+                             f"with that few hops ({sorted(k for k, w in self.hop_mix.items() if w > 0)})")
 
 
 class MultiHopEnv:
@@ -148,7 +152,7 @@ class MultiHopEnv:
     extra_options = WorldConfig.option_names()  # accepted as keyword arguments (see make_env)
 
     def __init__(self, seed: int = 0, top_k: int = 3, max_turns: int = 4, max_turn_chars: int | None = None,
-                 **world_options: Any):
+                 demo_max_hops: int | None = None, **world_options: Any):
         unknown = sorted(set(world_options) - set(self.extra_options))
         if unknown:
             raise OptionError(f"unknown multihop option {unknown[0]!r}; valid world options: {', '.join(self.extra_options)}")
@@ -160,7 +164,10 @@ class MultiHopEnv:
         if config.max_hops + 1 > max_turns:
             raise OptionError(f"{config.max_hops}-hop questions need max_turns >= {config.max_hops + 1}, "
                               f"got max_turns={max_turns}; raise max_turns or drop them from hop_mix")
+        if demo_max_hops is not None and demo_max_hops < 1:
+            raise OptionError(f"demo_max_hops must be >= 1 or None, got {demo_max_hops}")
         self.seed, self.top_k, self.max_turns, self.max_turn_chars = seed, top_k, max_turns, max_turn_chars
+        self.demo_max_hops = demo_max_hops
         self.world = build_world(seed, config, top_k)
         # Retrieval is deterministic, so repeated queries (common in RL) can share one observation.
         self._observation = functools.lru_cache(maxsize=4096)(self._search)
@@ -196,6 +203,10 @@ class MultiHopEnv:
                              lambda new, query: self._observation(query))
 
     # -- demonstrations -----------------------------------------------------------------------
+
+    def demo_task(self, task: Task) -> bool:
+        """Whether SFT may draw a demonstration of `task` (env.options.demo_max_hops; all when unset)."""
+        return self.demo_max_hops is None or task.meta.get("hops", 0) <= self.demo_max_hops
 
     def reference_solution(self, task: Task) -> str | None:
         """The entities to look up, in order."""

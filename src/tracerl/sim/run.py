@@ -36,6 +36,7 @@ import zlib
 from dataclasses import dataclass
 
 from tracerl.allocate import ALLOCATORS, AllocationContext
+from tracerl.allocate.budget import CostModel
 from tracerl.config import Config, ConfigError, load_config, parse_overrides
 from tracerl.errors import OptionError
 from tracerl.sim.engine import SimEngine, SimPredictor
@@ -96,10 +97,11 @@ class SimBatch:
     budget: int | None
 
 
-def run_batch(sim: SimConfig, cfg: Config, seed: int, batch: int) -> SimBatch:
+def run_batch(sim: SimConfig, cfg: Config, seed: int, batch: int, costs: CostModel | None = None) -> SimBatch:
     """One batch of `cfg.rollout.allocator`. Prompts depend on (seed, batch) only, so every allocator sees
     the same prompt stream; rollouts and the allocator's own draws use streams of their own,
-    (seed, batch, allocator)."""
+    (seed, batch, allocator). `costs`: the running cost estimates carried from earlier batches, as
+    training carries them from step to step (updated in place); None: fresh (the priors)."""
     name = cfg.rollout.allocator
     tag = f"{seed}/{batch}/{zlib.crc32(name.encode())}"
     prompts = PromptStream(sim, cfg.rollout.group_size, seed, batch)
@@ -107,7 +109,7 @@ def run_batch(sim: SimConfig, cfg: Config, seed: int, batch: int) -> SimBatch:
     engine = SimEngine(World(sim, random.Random(f"rollouts/{tag}")))
     ctx = AllocationContext(engine, cfg.rollout, random.Random(f"alloc/{tag}"), cfg.alloc,
                             SimPredictor(sim.predictor_noise, sim.oracle),
-                            {t.id: t.meta["last_rate"] for t in tasks}, prompts.draw)
+                            {t.id: t.meta["last_rate"] for t in tasks}, prompts.draw, costs=costs)
     trees = ALLOCATORS.get(name)(ctx, tasks)
     return SimBatch(engine, trees, {"pool_size": float(len(tasks) + ctx.drawn), **ctx.metrics}, step_budget(cfg))
 
@@ -178,7 +180,8 @@ def simulate(sim: SimConfig, overrides: list[str] | tuple[str, ...] = (), names:
     for name in names:
         per_seed, alloc_rows = [], []
         for s in range(seed, seed + seeds):
-            runs = [run_batch(sim, configs[name], s, b) for b in range(batches)]
+            costs = CostModel()  # carried from batch to batch, as from step to step in training
+            runs = [run_batch(sim, configs[name], s, b, costs) for b in range(batches)]
             rows = [batch_metrics(r) for r in runs]
             per_seed.append({m: statistics.fmean(r[m] for r in rows) for m in METRICS})
             alloc_rows += [r.metrics for r in runs]
