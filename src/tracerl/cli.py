@@ -1,10 +1,11 @@
-"""The `tracerl` command: train, sft, eval, report.
+"""The `tracerl` command: train, sft, eval, export-data, report.
 
     tracerl train [--config configs/quickstart.yaml] [section.key=value ...]
     tracerl train --resume runs/quickstart
     tracerl sft [--config ...]                      # SFT warm start (cached; pretrained: sft.pretrained=true)
     tracerl eval runs/quickstart --split test       # run dir, checkpoint dir or model dir
     tracerl eval preset --config configs/real_qa_smollm2.yaml --split test --out runs/base  # before RL
+    tracerl export-data --split train --out train.parquet [--config ...]  # a split in Search-R1 / verl parquet
     tracerl serve-retriever --corpus corpus.jsonl   # Search-R1-compatible BM25 server on 127.0.0.1:8000
     tracerl report runs/quickstart                  # writes runs/quickstart/report.html
     tracerl compare runs/a runs/b --out cmp.html    # methods side by side, seeds pooled
@@ -178,7 +179,8 @@ def cmd_eval(args) -> int:
     from rich.table import Table
 
     from tracerl.backends.hf import HFPolicy
-    from tracerl.evaluate import breakdown, evaluate
+    from tracerl.envs.answers import set_em_mode
+    from tracerl.evaluate import breakdown, evaluate, squad_scores
     from tracerl.models.io import load_policy
     from tracerl.rundir import BREAKDOWN_FILE, CONFIG_FILE, EVAL_CLI_FILE
     from tracerl.setup import build_env, resolve_model_path
@@ -200,6 +202,7 @@ def cmd_eval(args) -> int:
     if args.out:
         run_dir = Path(args.out)
         run_dir.mkdir(parents=True, exist_ok=True)
+    set_em_mode(cfg.eval.em)  # em / f1: the reward's matching, as in training
     env = build_env(cfg)
     tasks = env.tasks(args.split)
     if args.n:
@@ -207,11 +210,13 @@ def cmd_eval(args) -> int:
     model, tok = load_policy(model_dir)
     policy = HFPolicy(model, tok, cfg.run.device, cfg.model.max_context)
     res, trajs = evaluate(policy, env, tasks, cfg.rollout.max_turn_tokens, cfg.model.chat_template, cfg.rollout.batch_size)
+    res = {**res, **squad_scores(trajs), "em_mode": cfg.eval.em}  # em_squad / f1_squad: Search-R1's matching
     table = Table(title=f"{env.name} / {args.split} — {model_dir}")
-    for col in ("n", "EM", "F1", "mean turns", "format-error rate", "tool calls / episode"):
+    for col in ("n", f"EM ({cfg.eval.em})", f"F1 ({cfg.eval.em})", "EM (squad)", "F1 (squad)", "mean turns",
+                "format-error rate", "tool calls / episode"):
         table.add_column(col, justify="right")
-    table.add_row(str(res["n"]), f"{res['em']:.3f}", f"{res['f1']:.3f}", f"{res['mean_turns']:.2f}",
-                  f"{res['format_error_rate']:.3f}", f"{res['tool_calls_per_episode']:.2f}")
+    table.add_row(str(res["n"]), f"{res['em']:.3f}", f"{res['f1']:.3f}", f"{res['em_squad']:.3f}", f"{res['f1_squad']:.3f}",
+                  f"{res['mean_turns']:.2f}", f"{res['format_error_rate']:.3f}", f"{res['tool_calls_per_episode']:.2f}")
     console = Console() if Console().is_terminal else Console(width=150)
     console.print(table)
     rows = breakdown(trajs)
@@ -228,6 +233,16 @@ def cmd_eval(args) -> int:
             with open(run_dir / BREAKDOWN_FILE, "a") as f:
                 f.write(json.dumps({"model": str(model_dir), "split": args.split, "rows": rows}) + "\n")
             print(f"report: {write_report(run_dir)}")
+    return 0
+
+
+def cmd_export_data(args) -> int:
+    from tracerl.config import load_config
+    from tracerl.export_data import export_split
+
+    cfg = load_config(_config_path(args.config), args.overrides)
+    n = export_split(cfg, args.split, args.out, args.ability)
+    print(f"wrote {n} {cfg.env.name} {args.split} tasks to {args.out}")
     return 0
 
 
@@ -367,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", metavar="DIR", help="log the result and write report.html here (default: the run dir, if any)")
     e.add_argument("overrides", nargs="*")
     e.set_defaults(fn=cmd_eval)
+
+    x = p.add_command(sub, "export-data", help="write a split of the config's environment as Search-R1 / verl parquet")
+    x.add_argument("--split", default="train", choices=SPLITS, help="train, validation, test or heldout (default train)")
+    x.add_argument("--out", required=True, metavar="FILE.parquet", help="where to write the parquet file")
+    x.add_argument("--config", help="config of the environment (default: the embedded quickstart)")
+    x.add_argument("--ability", default=None, help="the ability column (default: fact-reasoning, math for arith)")
+    x.add_argument("overrides", nargs="*", help="dotted overrides, e.g. env.name=arith")
+    x.set_defaults(fn=cmd_export_data)
 
     v = p.add_command(sub, "serve-retriever", help="serve BM25 retrieval over a corpus with Search-R1's HTTP API")
     v.add_argument("--corpus", required=True, metavar="FILE.jsonl",

@@ -278,6 +278,10 @@ class TrainerConfig(Section):
         return v
 
 
+class EvalConfig(Section):
+    em: Literal["tracerl", "squad"] = Field("tracerl", description="Answer matching of the EM / F1 reward: tracerl (NFKC, casefold, canonical numbers, Unicode punctuation) or squad (Search-R1's: lowercase, ASCII punctuation, articles, whitespace); `tracerl eval` reports both (docs/evaluation.md).")
+
+
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity and hardware.")
     env: EnvConfig = Field(default_factory=EnvConfig, description="Environment.")
@@ -290,6 +294,7 @@ class Config(Section):
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Routed self-distillation (off by default).")
     credit: CreditConfig = Field(default_factory=CreditConfig, description="Token-level credit (FlowTracer).")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Optimisation, evaluation, checkpoints.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Answer matching (EM / F1 mode).")
 
     @model_validator(mode="after")
     def _cross_field(self) -> "Config":

@@ -1,11 +1,13 @@
 """Greedy evaluation: EM, F1, mean turns and format-error rate on a split, and for QA data the same
-broken down by dataset, question type and hop count, with the recall of gold paragraphs."""
+broken down by dataset, question type and hop count, with the recall of gold paragraphs; and the
+SQuAD-style EM / F1 of the same answers, comparable with published numbers (docs/evaluation.md)."""
 
 from __future__ import annotations
 
 from statistics import mean
 
 from tracerl.backends.hf import HFPolicy, SamplingParams
+from tracerl.envs.answers import exact_match, f1_score
 from tracerl.envs.base import Environment, Task
 from tracerl.errors import DataError
 from tracerl.rollout import Trajectory, run_chains
@@ -33,6 +35,26 @@ def gold_recall(trajs: list[Trajectory]) -> dict[str, float]:
     if not with_gold:
         return {}
     return {"gold_recall": mean(float(t.info.get("gold_recall", 0.0)) for t in with_gold)}
+
+
+def final_answer(traj: Trajectory) -> str | None:
+    """The text of the episode's answer (the last `answer` entry of the environment's history), or
+    None when the episode ended without one (turn cap, full context, format error)."""
+    history = traj.state.get("history") if isinstance(traj.state, dict) else None
+    for entry in reversed(history or []):
+        if isinstance(entry, dict) and entry.get("action") == "answer":
+            return str(entry.get("answer", ""))
+    return None
+
+
+def squad_scores(trajs: list[Trajectory]) -> dict[str, float]:
+    """{"em_squad", "f1_squad"}: the mean SQuAD / Search-R1 exact match and token F1 of each episode's
+    answer against the task's gold answers, whatever eval.em the rewards used; no answer scores 0."""
+    if not trajs:
+        return {"em_squad": 0.0, "f1_squad": 0.0}
+    answers = [final_answer(t) for t in trajs]
+    return {"em_squad": mean(0.0 if a is None else exact_match(a, t.task.answers, "squad") for a, t in zip(answers, trajs)),
+            "f1_squad": mean(0.0 if a is None else f1_score(a, t.task.answers, "squad") for a, t in zip(answers, trajs))}
 
 
 BREAKDOWN_METRICS = ("n", "em", "f1", "mean_turns", "format_error_rate", "gold_recall")

@@ -22,6 +22,7 @@ import torch
 from tracerl.config import Config
 from tracerl.distill.teacher import TeacherNoteDemos
 from tracerl.envs import make_env
+from tracerl.envs.answers import set_em_mode
 from tracerl.envs.base import Environment
 from tracerl.sft import SFTInputs, run_sft
 
@@ -51,7 +52,9 @@ def apply_threads(cfg: Config) -> None:
 
 
 def build_env(cfg: Config) -> Environment:
-    """The config's environment (env.name with its seed, turn cap and options)."""
+    """The config's environment (env.name with its seed, turn cap and options); its answers are matched
+    as eval.em says (the reward in training and the EM of evaluation alike)."""
+    set_em_mode(cfg.eval.em)
     return make_env(cfg.env.name, seed=cfg.env.seed, max_turns=cfg.env.max_turns, **cfg.env.options)
 
 
