@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from tracerl.errors import CheckpointError
+from tracerl.errors import CheckpointError, error_reason
 from tracerl.rundir import CHECKPOINT_MODEL_DIR, atomic_dir, step_name, step_of
 
 STATE_FILE = "trainer_state.json"
@@ -111,17 +110,6 @@ def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, optimizer, sta
         raise CheckpointError(f"could not write checkpoint {final}: {error_reason(e)}{_intact(ckpt_root)}") from e
     prune(ckpt_root, step, keep)
     return final
-
-
-def error_reason(e: BaseException) -> str:
-    """One line for an I/O error; safetensors reports the errno (e.g. a full disk) only in its message."""
-    code = e.errno if isinstance(e, OSError) else None
-    found = re.search(r"os error (\d+)", str(e))
-    code = code or (int(found[1]) if found else None)
-    if code:
-        return os.strerror(code).lower()
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def _intact(ckpt_root: Path) -> str:

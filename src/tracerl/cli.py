@@ -22,8 +22,7 @@ import sys
 from pathlib import Path
 
 from tracerl.errors import TracerlError
-
-SPLITS = ("train", "validation", "test", "heldout")  # every environment's splits (tracerl.envs.base)
+from tracerl.task import SPLITS  # every environment's splits
 
 
 def _config_path(arg: str | None) -> str | None:

@@ -1,5 +1,8 @@
 """Errors the CLI reports as one line (no traceback unless --debug)."""
 
+import os
+import re
+
 
 class TracerlError(Exception):
     """Base class of user-facing errors: the message says what to change."""
@@ -67,3 +70,14 @@ def validation_problem(err: dict) -> str:
     if kind != "literal_error":  # pydantic's own reason ("unable to parse string as an integer") adds nothing
         msg = msg.split(", unable to ")[0].split(", got ")[0]
     return f"{msg}, got {shown(err.get('input'))}"
+
+
+def error_reason(e: BaseException) -> str:
+    """One line for an I/O error; safetensors reports the errno (e.g. a full disk) only in its message."""
+    code = e.errno if isinstance(e, OSError) else None
+    found = re.search(r"os error (\d+)", str(e))
+    code = code or (int(found[1]) if found else None)
+    if code:
+        return os.strerror(code).lower()
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

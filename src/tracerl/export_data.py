@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from tracerl.errors import DataError, TracerlError
+from tracerl.task import SPLITS
 
-SPLITS = ("train", "validation", "test", "heldout")
 _SCALARS = (str, int, float, bool)
 
 

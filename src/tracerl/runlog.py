@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tracerl.errors import TracerlError
+from tracerl.errors import TracerlError, error_reason
 from tracerl.rundir import EVAL_FILE, METRICS_FILE, TB_DIR, atomic_write_text
 
 
@@ -182,7 +182,7 @@ class RunLogger:
             f.flush()
             os.fsync(f.fileno())
         except OSError as e:  # e.g. a full disk: one line naming the file (a resume drops a partial row)
-            raise TracerlError(f"could not append to {path}: {(e.strerror or str(e)).lower()}; the run stops "
+            raise TracerlError(f"could not append to {path}: {error_reason(e)}; the run stops "
                                "here and resumes from its last checkpoint once this is fixed") from None
 
     def _scalars(self, prefix: str, step: int, metrics: Mapping[str, Any]) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+SPLITS = ("train", "validation", "test", "heldout")  # every environment's splits
+
 
 @dataclass(frozen=True)
 class Task:

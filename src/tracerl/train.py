@@ -102,6 +102,7 @@ class Trainer:
         self.overwrite = overwrite
         self.world = world
         self._lock = None  # the run directory's lock (rank 0), from setup until the run ends
+        self.checkpoint: Path | None = None  # the checkpoint a resume continues from (chosen by rank 0)
         self.config_changes: dict = {}  # what this resume changes against its checkpoint (tracerl.resume_rules)
 
     # ---------------------------------------------------------------- setup
@@ -128,9 +129,8 @@ class Trainer:
         self._setup_data()  # reads the data files: a bad one stops the run before its directory is written
         self.run_dir = Path(self.resume_dir) if self.resume_dir is not None else cfg.run_dir()
         self._on_main("taking the run directory", self._take_run_dir)
-        self.checkpoint = None  # the checkpoint a resume continues from (chosen by rank 0)
-        if self.resume_dir is not None:
-            found = latest_checkpoint(self.run_dir / rundir.CHECKPOINT_DIR) if self.world.is_main else None
+        if self.resume_dir is not None:  # the checkpoint rank 0 chose when it took the run directory
+            found = self.checkpoint if self.world.is_main else None
             self.checkpoint = self.world.broadcast(str(found) if found is not None else None)
             if self.checkpoint is None:
                 raise CheckpointError(f"no complete checkpoint under {self.run_dir / rundir.CHECKPOINT_DIR}; "
@@ -175,9 +175,10 @@ class Trainer:
             self._lock = rundir.RunLock(self.run_dir)
             if self.resume_dir is not None:
                 remove_debris(self.run_dir / rundir.CHECKPOINT_DIR)  # what a kill inside a save or prune left
-                ckpt = latest_checkpoint(self.run_dir / rundir.CHECKPOINT_DIR)
-                if ckpt is not None:
-                    resume_rules.record(self.run_dir, self.cfg, self.config_changes, read_state(ckpt)["step"])
+                self.checkpoint = latest_checkpoint(self.run_dir / rundir.CHECKPOINT_DIR)
+                if self.checkpoint is not None:
+                    resume_rules.record(self.run_dir, self.cfg, self.config_changes,
+                                        read_state(self.checkpoint)["step"])
                 return
             if rundir.run_dir_entries(self.run_dir):
                 if not self.overwrite and not rundir.never_started(self.run_dir):

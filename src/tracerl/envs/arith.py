@@ -15,8 +15,8 @@ from pydantic import Field
 
 from tracerl.envs.base import EnvOptions, StepResult, Task, TrainSize
 from tracerl.errors import OptionError
+from tracerl.task import SPLITS
 
-SPLITS = ("train", "validation", "test", "heldout")
 INSTRUCTION = "Solve the problem. Think inside <think></think>, then give the number in <answer></answer>."
 
 NAMES = ("Mila", "Tom", "Ada", "Ravi", "Lena", "Omar", "Yuki", "Sara", "Ben", "Nia", "Ivan", "Zoe",

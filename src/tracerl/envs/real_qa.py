@@ -36,10 +36,10 @@ from tracerl.envs.base import EnvOptions, StepResult, Task
 from tracerl.envs.multihop import format_docs, protocol_step
 from tracerl.envs.qa_data import QAItem, load_corpus, load_qa_file, pooled_documents
 from tracerl.errors import DataError, OptionError
+from tracerl.task import SPLITS
 from tracerl.tools.bm25 import BM25Search
 from tracerl.tools.retrieval_client import RetrievalClient
 
-SPLITS = ("train", "validation", "test", "heldout")
 RETRIEVAL_MODES = ("pooled", "per_question")
 INSTRUCTION = (
     "Answer the question with the help of a search engine. First think briefly inside <think></think>. "

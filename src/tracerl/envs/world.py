@@ -26,9 +26,8 @@ import Stemmer
 from tracerl.envs.answers import normalize_answer
 from tracerl.envs.base import Task
 from tracerl.errors import OptionError
+from tracerl.task import SPLITS  # noqa: F401  (re-exported: multihop reads it from here)
 from tracerl.tools.bm25 import BM25Search
-
-SPLITS = ("train", "validation", "test", "heldout")
 
 
 @dataclass(frozen=True)
