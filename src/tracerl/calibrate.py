@@ -13,18 +13,19 @@ import statistics
 
 from tracerl import seeding
 from tracerl.allocate.basic import ALLOCATORS, AllocationContext, match_tree_shape
-from tracerl.backends.hf import HFPolicy, SamplingParams
+from tracerl.backends.base import SamplingParams
 from tracerl.config import Config
 from tracerl.models.io import load_policy
 from tracerl.rollout import RolloutEngine
-from tracerl.setup import build_env, resolve_model_path
+from tracerl.setup import build_backend, build_env, resolve_model_path
 
 
 def calibrate(cfg: Config, steps: int = 3, log=print) -> dict[str, float]:
     r = cfg.rollout
     env = build_env(cfg)
-    model, tok = load_policy(resolve_model_path(cfg, log))
-    policy = HFPolicy(model, tok, cfg.run.device, cfg.model.max_context)
+    model_dir = resolve_model_path(cfg, log)
+    model, tok = load_policy(model_dir)
+    policy = build_backend(cfg, model, tok, model_dir, cfg.run.device)
     params = SamplingParams(r.max_turn_tokens, r.temperature, r.top_p, tuple(env.stop_strings))
     tasks = env.tasks("train")
     chain_tokens, f_values = [], []

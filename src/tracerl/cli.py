@@ -177,12 +177,11 @@ def cmd_eval(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from tracerl.backends.hf import HFPolicy
     from tracerl.envs.answers import set_em_mode
     from tracerl.evaluate import breakdown, evaluate, squad_scores
     from tracerl.models.io import load_policy
     from tracerl.rundir import BREAKDOWN_FILE, CONFIG_FILE, EVAL_CLI_FILE
-    from tracerl.setup import build_env, resolve_model_path
+    from tracerl.setup import build_backend, build_env, resolve_model_path
 
     _quiet_transformers()
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
@@ -207,7 +206,7 @@ def cmd_eval(args) -> int:
     if args.n:
         tasks = tasks[: args.n]
     model, tok = load_policy(model_dir)
-    policy = HFPolicy(model, tok, cfg.run.device, cfg.model.max_context)
+    policy = build_backend(cfg, model, tok, model_dir, cfg.run.device)
     res, trajs = evaluate(policy, env, tasks, cfg.rollout.max_turn_tokens, cfg.model.chat_template, cfg.rollout.batch_size)
     res = {**res, **squad_scores(trajs), "em_mode": cfg.eval.em}  # em_squad / f1_squad: Search-R1's matching
     table = Table(title=f"{env.name} / {args.split} — {model_dir}")

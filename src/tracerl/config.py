@@ -188,6 +188,8 @@ class AlgoConfig(Section):
     kl_estimator: str = Field("k3", description="KL estimator (k1, k2, k3).")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
     dedup_prefix: bool = Field(False, description="Run each shared tree node once in the update (one packed sequence per tree with a tree attention mask; for chains the prompt once per prompt) instead of one row per leaf; same loss and gradient, fewer tokens.")
+    sampler_correction: str = Field("none", description="Sampler/trainer mismatch correction of the policy loss (registry: none, tis = truncated importance sampling min(π_old/μ, algo.tis_cap) per token; for inference engines, docs/engines.md §5).")
+    tis_cap: float = Field(2.0, gt=0, description="tis: the cap C on the per-token importance weight π_old/μ.")
     skip_uniform_groups: bool = Field(True, description="Leave groups whose rewards are all equal out of the update (their advantage is 0).")
 
     @model_validator(mode="after")
@@ -282,6 +284,22 @@ class EvalConfig(Section):
     em: Literal["tracerl", "squad"] = Field("tracerl", description="Answer matching of the EM / F1 reward: tracerl (NFKC, casefold, canonical numbers, Unicode punctuation) or squad (Search-R1's: lowercase, ASCII punctuation, articles, whitespace); `tracerl eval` reports both (docs/evaluation.md).")
 
 
+class EngineConfig(Section):
+    name: Literal["hf", "vllm", "server"] = Field("hf", description="Generation backend (docs/engines.md): hf = the in-process Hugging Face decode loop (CPU default), vllm = a vLLM engine (extra tracerl[vllm]), server = an OpenAI-compatible completion server at engine.url.")
+    prefix_caching: bool = Field(True, description="vllm: automatic prefix caching (branches from one tree node reuse its KV blocks); the hit rate is logged per step.")
+    in_process: bool = Field(False, description="vllm: run the engine core in this process (fast start, for tests and small models) instead of its own process.")
+    kv_cache_mb: int | None = Field(None, ge=1, description="vllm: KV-cache memory in MiB (None: engine.gpu_memory_utilization on GPU, 256 MiB on CPU).")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vllm on GPU: share of GPU memory the engine may take (the trainer shares the GPU when colocated).")
+    enforce_eager: bool = Field(True, description="vllm: no CUDA graphs / compilation (start-up in seconds; set false on GPU for throughput).")
+    sleep_during_update: bool = Field(False, description="vllm on GPU: release the engine's weights and KV cache during each update (colocated training), wake it before the next rollout.")
+    sync_dir: str = Field("/dev/shm", description="vllm: where the weights of each update are written (safetensors) for the engine to reload; a RAM disk on Linux.")
+    url: str = Field("http://127.0.0.1:8000", description="server: base URL of the OpenAI-compatible completion server (/v1/completions).")
+    served_model: str | None = Field(None, description="server: the model name the server serves (None: the first of /v1/models).")
+    timeout_s: float = Field(120.0, gt=0, description="server: seconds one request may take before it is retried.")
+    retries: int = Field(2, ge=0, description="server: retries of a failed or timed-out request (then the step stops with one line naming the server).")
+    sync_weights: bool = Field(True, description="server: push the weights after every update through the server's /collective_rpc (needs VLLM_SERVER_DEV_MODE=1 on the server); false: the server's weights stay fixed (evaluation, off-policy).")
+
+
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity and hardware.")
     env: EnvConfig = Field(default_factory=EnvConfig, description="Environment.")
@@ -295,6 +313,7 @@ class Config(Section):
     credit: CreditConfig = Field(default_factory=CreditConfig, description="Token-level credit (FlowTracer).")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Optimisation, evaluation, checkpoints.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Answer matching (EM / F1 mode).")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Generation backend (hf, vllm, server).")
 
     @model_validator(mode="after")
     def _cross_field(self) -> "Config":

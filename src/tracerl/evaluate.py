@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from statistics import mean
 
-from tracerl.backends.hf import HFPolicy, SamplingParams
+from tracerl.backends.base import GenerationBackend, SamplingParams
 from tracerl.envs.answers import exact_match, f1_score
 from tracerl.envs.base import Environment, Task
 from tracerl.errors import DataError
@@ -87,7 +87,7 @@ def breakdown(trajs: list[Trajectory]) -> list[dict[str, object]]:
     return rows
 
 
-def evaluate(policy: HFPolicy, env: Environment, tasks: list[Task], max_turn_tokens: int,
+def evaluate(policy: GenerationBackend, env: Environment, tasks: list[Task], max_turn_tokens: int,
              chat_template: str = "auto", batch_size: int = 64) -> tuple[dict[str, float], list[Trajectory]]:
     """Greedy (temperature 0) rollouts, one per task."""
     if not tasks:

@@ -7,13 +7,14 @@ estimator or allocator declares its traits where it is registered and needs no c
 
 from __future__ import annotations
 
-from tracerl.algos import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+from tracerl.algos import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, SAMPLER_CORRECTIONS
 from tracerl.allocate import ALLOCATORS
 from tracerl.config import Config, ConfigError
 from tracerl.credit import CREDIT
 
 NAMED = (("rollout.allocator", ALLOCATORS), ("algo.advantage", ADVANTAGES), ("algo.policy_loss", POLICY_LOSSES),
-         ("algo.aggregation", AGGREGATIONS), ("algo.kl_estimator", KL_ESTIMATORS), ("credit.name", CREDIT))
+         ("algo.aggregation", AGGREGATIONS), ("algo.kl_estimator", KL_ESTIMATORS), ("credit.name", CREDIT),
+         ("algo.sampler_correction", SAMPLER_CORRECTIONS))
 
 
 def check_methods(cfg: Config) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from tracerl.algos import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+from tracerl.algos import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, SAMPLER_CORRECTIONS
 from tracerl.algos.losses import entropy_from_logits, token_logprobs
 from tracerl.packing import MicroBatch
 
@@ -40,12 +40,15 @@ class LossSpec:
     norm_length: int | None = None  # seq-mean-token-sum-norm: constant L (None: the longest response)
     bf16: bool = False
     head_at_positions: bool = True  # run the LM head at the scored positions only
+    sampler_correction: str = "none"  # SAMPLER_CORRECTIONS: per-token weights π_old / μ on the policy loss
+    tis_cap: float = 2.0
 
     @classmethod
     def from_config(cls, cfg, head_at_positions: bool = True) -> "LossSpec":
         a = cfg.algo
         return cls(a.policy_loss, a.aggregation, a.kl_estimator, a.kl_coef, a.entropy_coef, a.clip_low, a.clip_high,
-                   a.dual_clip, cfg.rollout.temperature or 1.0, a.norm_length, cfg.trainer.bf16, head_at_positions)
+                   a.dual_clip, cfg.rollout.temperature or 1.0, a.norm_length, cfg.trainer.bf16, head_at_positions,
+                   a.sampler_correction, a.tis_cap)
 
 
 @dataclass
@@ -138,21 +141,30 @@ def objective(model, mb: MicroBatch, spec: LossSpec, den: Denominators, *, old_l
     logp = mb.to_leaves(s.logp)
     old = logp.detach() if old_logp is None else mb.to_leaves(old_logp.to(logp.device))
     pg_mask = mask if distill is None else distill.pg_mask(mb.leaves).to(mask)
-    policy = policy_term(logp, old, mb.rows(b.coef).to(logp), pg_mask, spec, den, stats)
+    sample = mb.rows(b.sample_logp).to(logp)
+    is_w = None
+    if spec.sampler_correction != "none":
+        is_w, is_stats = SAMPLER_CORRECTIONS.get(spec.sampler_correction)(old, sample, mask, cap=spec.tis_cap)
+        for k, v in is_stats.items():
+            stats.setdefault(k, []).append(float(v))
+    policy = policy_term(logp, old, mb.rows(b.coef).to(logp), pg_mask, spec, den, stats, is_w)
     kl = kl_term(logp, mb.to_leaves(ref_logp.to(logp.device)), mask, spec, den, stats) if ref_logp is not None else 0.0
     ent = entropy_term(mb.to_leaves(s.entropy), mask, spec, den, stats) if s.entropy is not None else 0.0
     dist = distill.loss(model, mb, mb.to_leaves(s.logits), den_leaves or mb.leaves, stats) if distill is not None else 0.0
     loss = policy + spec.kl_coef * kl - spec.entropy_coef * ent + dist
-    drift = ((logp.detach() - mb.rows(b.sample_logp).to(logp)).abs() * mask).sum() / mask.sum().clamp(min=1)
+    drift = ((logp.detach() - sample).abs() * mask).sum() / mask.sum().clamp(min=1)
     stats["logp_drift"] = [drift.item()]
     return loss, stats
 
 
 def policy_term(logp: Tensor, old: Tensor, coef: Tensor, pg_mask: Tensor, spec: LossSpec, den: Denominators,
-                stats: dict[str, list[float]]) -> Tensor:
-    """agg(policy_loss(logp, old, A·w)) over the policy-gradient tokens: (n, n_max) each -> scalar."""
+                stats: dict[str, list[float]], is_weights: Tensor | None = None) -> Tensor:
+    """agg(policy_loss(logp, old, A·w)) over the policy-gradient tokens: (n, n_max) each -> scalar.
+    `is_weights` (detached, (n, n_max)): a sampler correction's per-token weights on the loss."""
     pg, pg_stats = POLICY_LOSSES.get(spec.policy_loss)(logp, old, coef, pg_mask, clip_low=spec.clip_low,
                                                        clip_high=spec.clip_high, dual_clip=spec.dual_clip)
+    if is_weights is not None:
+        pg = pg * is_weights
     for k, v in pg_stats.items():
         stats.setdefault(k, []).append(float(v))
     return AGGREGATIONS.get(spec.aggregation)(pg, pg_mask, denominator=den.policy, max_len=den.max_len)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from tracerl.allocate.engine import RolloutCost, trees_like  # the cost meter lives with the engine interface
-from tracerl.backends.hf import HFPolicy, SamplingParams
+from tracerl.backends.base import GenerationBackend, HiddenStates, SamplingParams
 from tracerl.errors import EnvironmentStepError, TracerlError
 from tracerl.envs.base import Environment, StepResult, Task
 from tracerl.tree import RolloutTree, TurnRecord
@@ -135,16 +135,18 @@ def turn_params(params: SamplingParams, env: Environment) -> SamplingParams:
                           tuple(params.stop_strings) or tuple(env.stop_strings))
 
 
-def run_turns(policy: HFPolicy, env: Environment, trajs: list[Trajectory], params: SamplingParams,
+def run_turns(policy: GenerationBackend, env: Environment, trajs: list[Trajectory], params: SamplingParams,
               generator: torch.Generator | None = None, batch_size: int = 64,
-              capture_hidden: bool = False) -> RolloutCost:
+              capture_hidden: bool = False, features: HiddenStates | None = None) -> RolloutCost:
     """Continue every unfinished trajectory to its end, all turns batched across trajectories.
 
     Trajectories may start anywhere: at their prompt, or at a restored prefix (a tree node), in which
     case the environment state they carry decides how many turns remain. Rows with identical token
     prefixes in one generation call share their prefill (see `HFPolicy.generate`). With
     `capture_hidden`, each turn's prefill also leaves the prefix's last-layer hidden state in
-    `traj.hidden[turns done]` (no extra forward)."""
+    `traj.hidden[turns done]` (no extra forward) — or, for a backend that does not return hidden states
+    (an inference engine), a prefill-only pass of `features` (the trainer's model) over the chunk's
+    prefixes does, charged to the prefill counters."""
     tok = policy.tokenizer
     params = turn_params(params, env)
     cost = RolloutCost()
@@ -157,10 +159,19 @@ def run_turns(policy: HFPolicy, env: Environment, trajs: list[Trajectory], param
             break
         for start in range(0, len(active), batch_size):
             chunk = active[start:start + batch_size]
-            if capture_hidden:
-                gens, prefill = policy.generate([t.token_ids for t in chunk], params, generator, return_hidden=True)
+            prompts = [t.token_ids for t in chunk]
+            if capture_hidden and not policy.returns_hidden:
+                if features is None:
+                    raise ValueError("capture_hidden with a backend that returns no hidden states needs `features`")
+                states, stats = features.prefix_hidden(prompts, batch_size)
+                cost.prefill_tokens += stats.computed
+                cost.prefill_saved += stats.saved
+                for t, h in zip(chunk, states):
+                    t.hidden[len(t.turns)] = h
+            if capture_hidden and policy.returns_hidden:
+                gens, prefill = policy.generate(prompts, params, generator, return_hidden=True)
             else:
-                gens, prefill = policy.generate([t.token_ids for t in chunk], params, generator)
+                gens, prefill = policy.generate(prompts, params, generator)
             cost.prefill_tokens += prefill.computed
             cost.prefill_saved += prefill.saved
             for t, gen in zip(chunk, gens):
@@ -178,7 +189,7 @@ def run_turns(policy: HFPolicy, env: Environment, trajs: list[Trajectory], param
 
 
 def run_chains(
-    policy: HFPolicy,
+    policy: GenerationBackend,
     env: Environment,
     tasks: list[Task],
     group_size: int,
@@ -226,19 +237,22 @@ class RolloutEngine:
     """Grows rollout trees for a step: seed chains from roots and continuations from any
     non-leaf node, batched across all jobs of a call, with measured cost (`self.cost`).
 
-    Branches from the same node share their token prefix exactly, so the backend prefills it once
-    and copies its KV cache to each branch (`prefill_saved` counts what that avoided).
+    Branches from the same node share their token prefix exactly and are sent in one generation call,
+    so the backend prefills it once (HF: copies its KV cache to each branch; vLLM: its prefix cache) —
+    `prefill_saved` counts what that avoided.
 
     With `capture_hidden`, every node a generation starts from gets the policy's last-layer hidden
-    state at its last token in `tree.hidden[node id]` (features of the success predictor, taken from
-    the prefill the generation runs anyway; in memory only)."""
+    state at its last token in `tree.hidden[node id]` (features of the success predictor; in memory
+    only), taken from the prefill the generation runs anyway when the backend returns hidden states,
+    otherwise from a prefill-only pass of `features` (the trainer's model)."""
 
-    def __init__(self, policy: HFPolicy, env: Environment, params: SamplingParams,
+    def __init__(self, policy: GenerationBackend, env: Environment, params: SamplingParams,
                  generator: torch.Generator | None = None, chat_template: str = "auto", batch_size: int = 64,
-                 capture_hidden: bool = False):
+                 capture_hidden: bool = False, features: HiddenStates | None = None):
         self.policy, self.env, self.params = policy, env, params
         self.generator, self.chat_template, self.batch_size = generator, chat_template, batch_size
         self.capture_hidden = capture_hidden
+        self.features = features if features is not None else (policy if policy.returns_hidden else None)
         self.cost = RolloutCost()
 
     def plant(self, tasks: list[Task], trees_per_prompt: int | list[int] = 1, first_group: int = 0) -> list[RolloutTree]:
@@ -262,7 +276,7 @@ class RolloutEngine:
         todo = [t for t in trees if 0 not in t.hidden]
         if not todo:
             return
-        states, stats = self.policy.prefix_hidden([t.root.obs_ids for t in todo], self.batch_size)
+        states, stats = self.features.prefix_hidden([t.root.obs_ids for t in todo], self.batch_size)
         for t, h in zip(todo, states):
             t.hidden[0] = h
         self.cost.prefill_tokens += stats.computed
@@ -278,7 +292,7 @@ class RolloutEngine:
         trajs = [restore(*jobs[i]) for i in order]
         starts = [len(t.turns) for t in trajs]
         cost = run_turns(self.policy, self.env, trajs, self.params, self.generator, self.batch_size,
-                         self.capture_hidden)
+                         self.capture_hidden, self.features)
         cost.trajectories = len(jobs)
         leaves = [0] * len(jobs)
         for i, t, n_turns in zip(order, trajs, starts):

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from tracerl.backends.base import GenerationBackend
+from tracerl.backends.hf import HFPolicy
 from tracerl.config import Config
 from tracerl.distill.teacher import TeacherNoteDemos
 from tracerl.envs import make_env
@@ -56,6 +58,24 @@ def build_env(cfg: Config) -> Environment:
     as eval.em says (the reward in training and the EM of evaluation alike)."""
     set_em_mode(cfg.eval.em)
     return make_env(cfg.env.name, seed=cfg.env.seed, max_turns=cfg.env.max_turns, **cfg.env.options)
+
+
+def build_backend(cfg: Config, model, tokenizer, model_dir: Path, device: str) -> GenerationBackend:
+    """The generation backend engine.name names (docs/engines.md). `model` is the policy module the hf
+    backend samples from; vllm starts an engine on `model_dir` (the weights at start; the trainer then
+    pushes its own after every update); server connects to engine.url."""
+    e = cfg.engine
+    if e.name == "hf":
+        return HFPolicy(model, tokenizer, device, cfg.model.max_context)
+    if e.name == "vllm":
+        from tracerl.backends.vllm_engine import VLLMPolicy, check_vllm_model
+
+        check_vllm_model(model.config, device)
+        return VLLMPolicy(model_dir, tokenizer, cfg.model.max_context, e, device, cfg.run.seed, cfg.model.dtype,
+                          cfg.rollout.batch_size)
+    from tracerl.backends.server import ServerPolicy
+
+    return ServerPolicy(e.url, tokenizer, cfg.model.max_context, e)
 
 
 def uses_sft(cfg: Config) -> bool:

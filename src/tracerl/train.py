@@ -34,7 +34,8 @@ from tracerl.allocate import ALLOCATORS, AllocationContext
 from tracerl.allocate.budget import CostModel
 from tracerl.allocate.predictor import SuccessPredictor, TextEncoder
 from tracerl.allocate.sharded import ShardedEngine, ShardedPredictor, fingerprint, owner
-from tracerl.backends.hf import HFPolicy, SamplingParams
+from tracerl.backends.base import SamplingParams
+from tracerl.backends.hf import HFPolicy
 from tracerl.checkpoint import (latest_checkpoint, load_tensors, read_optimizer, read_state, remove_debris,
                                 save_checkpoint, save_tensors, set_rng_state)
 from tracerl.config import Config, ConfigError, dump_config, load_config
@@ -49,7 +50,7 @@ from tracerl.objective import Denominators, LossSpec, objective, score_only
 from tracerl.packing import TokenBatch, build_batch, join_packs, split_by_pack
 from tracerl.rollout import RolloutCost, RolloutEngine
 from tracerl.runlog import Progress, RunLogger, read_jsonl
-from tracerl.setup import apply_threads, build_env, preflight, resolve_model_path, uses_sft
+from tracerl.setup import apply_threads, build_backend, build_env, preflight, resolve_model_path, uses_sft
 from tracerl.sft import split_train
 from tracerl.tree import RolloutTree, mixed_anchors, tree_leaves, write_jsonl
 
@@ -141,7 +142,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.trainer.lr, betas=cfg.trainer.betas,
                                            weight_decay=cfg.trainer.weight_decay)
         self._setup_predictor()
-        self.distiller = Distiller(cfg, self.env, self.policy, self.spec.temperature) if cfg.distill.mode != "off" else None
+        self.distiller = Distiller(cfg, self.env, self.policy, self.spec.temperature,
+                                   getattr(self.model.config, "max_position_embeddings", None)) \
+            if cfg.distill.mode != "off" else None
         self.prompt_stats: dict[str, float] = {}  # task id -> success rate of its leaves at its latest visit
         self.costs = CostModel()  # running f and chain tokens of allocators without a predictor (it carries its own)
         self.start_step, self.totals = 0, {k: 0 for k in TOTALS}
@@ -231,8 +234,13 @@ class Trainer:
             self.gen_model.to(device).eval().requires_grad_(False)
             mixed = cfg.trainer.bf16 and device.startswith("cuda") and dtype == torch.float32
             self.model = self.world.wrap(self.model, mixed_bf16=mixed)
-        self.policy = HFPolicy(self.gen_model if self.gen_model is not None else self.model, self.tokenizer, device,
-                               cfg.model.max_context)
+        # `policy`: the generation backend (engine.name); `features`: the same weights in this process, for
+        # the success predictor's hidden states when the backend returns none (an inference engine)
+        sampler = self.gen_model if self.gen_model is not None else self.model
+        self.features = HFPolicy(sampler, self.tokenizer, device, cfg.model.max_context)
+        self.policy = self.features if cfg.engine.name == "hf" else \
+            build_backend(cfg, sampler, self.tokenizer, self.model_path, device)
+        self.policy_version = 0
         # The LM head may run at the scored positions only (logits = lm_head(last hidden state) exactly, as
         # in the Llama / Qwen families): most positions are prompt or observation tokens, never scored.
         # Not under FSDP2: a sharded model gathers its root weights (embeddings, norm, head) in its own
@@ -278,7 +286,7 @@ class Trainer:
             weights, optim = model.state_dict(), read_optimizer(ckpt)
         state = self.world.broadcast(state)
         self.world.load_state(self.model, self.optimizer, weights, optim)
-        self._sync_generation()
+        self._sync_generation(state["step"])
         set_rng_state(state["rng"])
         self.start_step, self.totals = state["step"], state["totals"]
         self.prompt_stats = dict(state.get("prompt_stats", {}))
@@ -322,7 +330,8 @@ class Trainer:
         r, seed, rank = self.cfg.rollout, self.cfg.run.seed, self.world.rank
         params = SamplingParams(r.max_turn_tokens, r.temperature, r.top_p, tuple(self.env.stop_strings))
         engine = RolloutEngine(self.policy, self.env, params, seeding.generator(seed, step, "rollout", rank),
-                               self.cfg.model.chat_template, r.batch_size, capture_hidden=self.predictor is not None)
+                               self.cfg.model.chat_template, r.batch_size, capture_hidden=self.predictor is not None,
+                               features=self.features)
         predictor = self.predictor
         if self.world.size > 1:
             engine = ShardedEngine(engine, self.world)
@@ -374,16 +383,18 @@ class Trainer:
         old = None if t.ppo_epochs == 1 and t.mini_batches == 1 else self._score(self.model, batch, hook)
         ref = self._score(self.ref_model, batch) if self.ref_model is not None else None
         stats: dict[str, list[float]] = {}
+        self.policy.sleep()  # GPU colocation: the engine frees its memory for the update
         self.model.train()
         for _ in range(t.ppo_epochs):
             for packs in self._mini_batches(batch):
                 self._optimizer_step(batch, packs, old, ref, dist, hook if old is None else None, stats)
         self.model.eval()
         t0 = time.perf_counter()
-        self._sync_generation()
+        self.policy.wake()
+        self._sync_generation(self.policy_version + 1)
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
-        if self.gen_model is not None:
-            out["sync_s"] = time.perf_counter() - t0  # reloading the generation copy (part of update_s)
+        if self.gen_model is not None or self.policy is not self.features:
+            out["sync_s"] = time.perf_counter() - t0  # reloading the generation copy / engine (part of update_s)
         out["train_tokens"] = sum(stats.get("train_tokens", [])) / t.ppo_epochs  # tokens per pass over the batch
         out["train_tokens_per_leaf"] = float(batch.leaf_tokens_run) if batch is not None else 0.0  # one row per leaf
         return {**out, **(dist.summary() if dist is not None else {})}
@@ -453,10 +464,18 @@ class Trainer:
             if grad:
                 out.backward()
 
-    def _sync_generation(self) -> None:
-        """Under torchrun: reload the generation copy from the sharded policy (a collective)."""
+    def _sync_generation(self, version: int) -> None:
+        """The generation side samples from policy `version` from now on. One process with the hf backend:
+        it shares the trained module, only the version moves. Under torchrun the unsharded generation copy
+        is reloaded from the sharded policy (a collective); an inference engine gets the weights pushed."""
+        state = None
         if self.gen_model is not None:
-            self.gen_model.load_state_dict(self.world.full_state(self.model))
+            state = self.world.full_state(self.model)
+            self.gen_model.load_state_dict(state)
+        if self.policy is not self.features:
+            self.policy.load_weights(state if state is not None else self.model.state_dict(), version)
+        self.features.load_weights(None, version)
+        self.policy_version = version
 
     def _score(self, model, batch: TokenBatch | None, hook=None) -> dict[int, torch.Tensor]:
         """Log-probs of every pack's scored tokens under `model` (no gradient); `hook` reads each forward.
@@ -474,6 +493,7 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.time()
         trees, cost = self.rollout(step)
+        engine_metrics = self.policy.step_metrics()  # an inference engine's prefix-cache hit rate, ...
         t1 = time.time()
         predictor_metrics = self.predictor.observe(trees, step) if self.predictor is not None else {}
         t_pred = time.time() - t1
@@ -488,6 +508,7 @@ class Trainer:
         own = [k for k, t in enumerate(trees) if self._mine(t)]  # under torchrun: the trees this rank trains
         own_trees, own_adv = [trees[k] for k in own], [adv[k] for k in own]
         metrics = self._rollout_metrics(own_trees, own_adv) if own_trees else {"leaves": 0.0}
+        metrics.update(engine_metrics)
         kept = self._kept(own_trees, own_adv)
         every = self.cfg.trainer.tree_log_every
         log_now = bool(every) and (step + 1) % every == 0

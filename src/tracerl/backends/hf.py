@@ -8,34 +8,14 @@ ends at `</search>` or `</answer>`), all with a seeded generator so runs replay 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from transformers import DynamicCache
 
+from tracerl.backends.base import Generation, PrefillStats, SamplingParams
 
-@dataclass
-class Generation:
-    token_ids: list[int]  # sampled tokens, including a final EOS / stop-string token
-    logprobs: list[float]  # log softmax(logits / T) of the token (T = 1 when greedy); what the trainer recomputes
-    stopped: str  # "stop" (stop string), "eos", "length" (hit max_new_tokens or context cap)
-    # generate(return_hidden=True): the last layer's hidden state (after the final norm) at the prompt's
-    # last token, computed by the prefill this call already runs; float32, detached, on the CPU
-    prefix_hidden: torch.Tensor | None = None
-
-
-@dataclass
-class PrefillStats:
-    computed: int  # prompt tokens run through the model in this call
-    saved: int = 0  # prompt tokens not recomputed because an identical prompt in the batch shared its KV cache
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 48
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    stop_strings: tuple[str, ...] = ()
+__all__ = ["HFPolicy", "Generation", "PrefillStats", "SamplingParams"]
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -66,7 +46,13 @@ def _accepts_logits_to_keep(model) -> bool:
 
 
 class HFPolicy:
-    """Wraps an AutoModelForCausalLM + tokenizer for batched turn generation."""
+    """Wraps an AutoModelForCausalLM + tokenizer for batched turn generation (a `GenerationBackend`).
+
+    It samples from the module it is given: in one process that is the trained policy itself, so
+    `load_weights(None, v)` only moves the version; under torchrun it is an unsharded copy that
+    `load_weights(full_state, v)` reloads."""
+
+    returns_hidden = True
 
     def __init__(self, model, tokenizer, device: str | torch.device = "cpu", max_context: int = 2048):
         self.model = model
@@ -81,6 +67,21 @@ class HFPolicy:
         # transformers 5.x names the KV-cache argument `cache` (and warns on `past_key_values`); 4.x has only
         # `past_key_values`
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.version = 0
+
+    def load_weights(self, source: Mapping[str, torch.Tensor] | None, version: int) -> None:
+        if source is not None:
+            self.model.load_state_dict(source)
+        self.version = version
+
+    def step_metrics(self) -> dict[str, float]:
+        return {}
+
+    def sleep(self) -> None:  # the model is the trainer's (or its copy): nothing to free
+        pass
+
+    def wake(self) -> None:
+        pass
 
     def _final_norm(self):
         """The module whose output is the last layer's hidden state (the decoder's final norm), or None."""
@@ -173,7 +174,8 @@ class HFPolicy:
         computed = sum(len(p) for p in unique)
         stats = PrefillStats(computed, sum(lens) - computed)
 
-        gens = [Generation([], [], "length", None if hidden is None else hidden[row_of[i]].clone()) for i in range(B)]
+        gens = [Generation([], [], "length", None if hidden is None else hidden[row_of[i]].clone(), self.version)
+                for i in range(B)]
         budget = [min(params.max_new_tokens, self.max_context - n) for n in lens]
         alive = torch.tensor([b > 0 for b in budget], dtype=torch.bool)
         for _ in range(max(budget)):

@@ -29,7 +29,8 @@ from typing import Any, Callable
 
 import torch
 
-from tracerl.backends.hf import HFPolicy, SamplingParams
+from tracerl.backends.base import GenerationBackend, SamplingParams
+from tracerl.backends.hf import HFPolicy
 from tracerl.envs.answers import normalize_answer
 from tracerl.envs.base import Environment, Task
 from tracerl.envs.tags import tag_spans
@@ -61,7 +62,7 @@ class AnnotationItem:
 @dataclass
 class AnnotatorContext:
     env: Environment
-    policy: HFPolicy | None  # the current policy (annotator=self)
+    policy: GenerationBackend | None  # the current policy (annotator=self)
     chat_template: str = "auto"
     max_new_tokens: int = 96
     max_spans: int = 3
@@ -263,7 +264,7 @@ def _encode(tokenizer, text: str, chat_template: str) -> list[int]:
 class LLMAnnotator:
     """Greedy JSON annotation by a causal LM; one sampled retry for unusable answers."""
 
-    def __init__(self, ctx: AnnotatorContext, policy: HFPolicy):
+    def __init__(self, ctx: AnnotatorContext, policy: GenerationBackend):
         self.ctx, self.policy = ctx, policy
         self.gen_tokens = 0  # tokens the annotator generated (cost)
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from tracerl import seeding
 from tracerl.algos.distill import kl_weight_at, route_masks, routed_kl
-from tracerl.backends.hf import HFPolicy
+from tracerl.backends.base import GenerationBackend
 from tracerl.config import Config, ConfigError
 from tracerl.distill.annotate import ANNOTATORS, RULES, Annotation, AnnotationItem, AnnotatorContext
 from tracerl.distill.spans import ResponseText, response_text, spans_to_tokens
@@ -113,7 +113,10 @@ class DistillBatch:
 class Distiller:
     """Built by the trainer when distill.mode != off."""
 
-    def __init__(self, cfg: Config, env: Environment, policy: HFPolicy, temperature: float = 1.0):
+    def __init__(self, cfg: Config, env: Environment, policy: GenerationBackend, temperature: float = 1.0,
+                 max_positions: int | None = None):
+        """`policy` samples the self-annotator's notes; `max_positions`: the trained model's position limit
+        (teacher sequences longer than that are cut)."""
         d = cfg.distill
         self.cfg, self.full, self.env, self.policy = d, cfg, env, policy
         self.tokenizer = policy.tokenizer
@@ -131,8 +134,7 @@ class Distiller:
             ctx = AnnotatorContext(env, policy, cfg.model.chat_template, d.annotator_max_tokens, d.max_spans,
                                    d.annotator_model, cfg.run.device, cfg.rollout.batch_size)
             self.annotate = ANNOTATORS.get(d.annotator)(ctx)
-        max_pos = getattr(policy.model.config, "max_position_embeddings", None)
-        self.max_teacher_len = int(max_pos) if max_pos else 1 << 30
+        self.max_teacher_len = int(max_positions) if max_positions else 1 << 30
 
     def weight(self, step: int) -> float:
         return kl_weight_at(step, self.cfg.kl_weight, *self.schedule)
