@@ -87,7 +87,7 @@ def config_reference() -> str:
     for name, field in Config.model_fields.items():
         section = field.annotation
         out += [f"## `{name}`", "", field.description or ""]
-        if section.__doc__ and section.__doc__ != BaseModel.__doc__ and "Section" not in section.__doc__:
+        if section.__dict__.get("__doc__"):  # the section's own docstring, not one inherited
             out += ["", " ".join(section.__doc__.split())]
         out += [""] + _table(section, f"{name}.") + [""]
     out += ["## `env.options` per environment", "",
