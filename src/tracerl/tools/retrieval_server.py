@@ -1,11 +1,11 @@
-"""A Search-R1-compatible retrieval server over BM25 (`tracerl serve-retriever`).
+"""A Search-R1-compatible retrieval server over BM25, dense or hybrid search (`tracerl serve-retriever`).
 
-    tracerl serve-retriever --corpus corpus.jsonl --port 8000 --top-k 3
+    tracerl serve-retriever --corpus corpus.jsonl --port 8000 --top-k 3 [--dense | --hybrid]
 
 `POST /retrieve` takes `{"queries": [...], "topk": k, "return_scores": true|false}` and answers
 `{"result": [...]}` with one list per query: `{"document": {"id", "contents", "title", "text"}, "score"}`
 entries with scores, bare documents without (Search-R1's own layout, so its clients work unchanged).
-`GET /health` answers `{"status": "ok", "documents": N}`. Every error, the HTTP layer's own included
+`GET /health` answers `{"status": "ok", "documents": N, "retriever": "bm25|dense|hybrid"}`. Every error, the HTTP layer's own included
 (a garbled request line, an unknown method), is a JSON object `{"error": "..."}` with its status.
 
 Why not one thread per connection (the standard library's `ThreadingHTTPServer`): a client that opens
@@ -209,7 +209,8 @@ class RetrievalHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         if self.path.rstrip("/") == "/health":
-            self._send(HTTPStatus.OK, {"status": "ok", "documents": len(self.server.search.docs)})
+            self._send(HTTPStatus.OK, {"status": "ok", "documents": len(self.server.search.docs),
+                                       "retriever": getattr(self.server.search, "kind", "bm25")})
         else:
             self._send(HTTPStatus.NOT_FOUND, {"error": "use POST /retrieve or GET /health"})
 
@@ -241,7 +242,7 @@ class RetrievalHandler(BaseHTTPRequestHandler):
         except ValueError as e:
             self._send(HTTPStatus.BAD_REQUEST, {"error": str(e)})
             return
-        with self.server.lock:  # the stemmer and bm25s' scoring buffers are not meant to be shared
+        with self.server.lock:  # the stemmer and bm25s' scoring buffers (and the encoder) are not meant to be shared
             hits = self.server.search.search_batch(queries, k)
         if scores:
             result = [[{"document": document_to_wire(h), "score": h["score"]} for h in q] for q in hits]
@@ -465,18 +466,20 @@ class RetrievalServer(HTTPServer):
     read_timeout: seconds a request (head and body) may take to arrive, counted from the connection's
     accept or its previous answer; an idle keep-alive connection is closed after it too.
     workers: threads answering complete requests. max_connections: open connections beyond which new
-    ones get 503 (default 1024, less under a low file-descriptor limit)."""
+    ones get 503 (default 1024, less under a low file-descriptor limit). search: the index answering
+    queries, anything with `docs` and `search_batch(queries, k)` (default: BM25 over `docs`)."""
 
     request_queue_size = 1024  # listen backlog: the stdlib's 5 drops connects in a burst (1 s SYN retry)
 
     def __init__(self, docs: list[dict[str, Any]], host: str = "127.0.0.1", port: int = 8000, top_k: int = 3,
                  verbose: bool = False, *, read_timeout: float = READ_TIMEOUT_S, workers: int = WORKERS,
-                 max_connections: int | None = None, write_timeout: float = WRITE_TIMEOUT_S):
+                 max_connections: int | None = None, write_timeout: float = WRITE_TIMEOUT_S, search: Any = None):
         limit_ok = max_connections is None or max_connections >= 1
         if min(read_timeout, write_timeout) <= 0 or workers < 1 or not limit_ok:
             raise ValueError(f"need read_timeout > 0, write_timeout > 0, workers >= 1, max_connections >= 1; got "
                              f"{read_timeout}, {write_timeout}, {workers}, {max_connections}")
-        self.search = BM25Search(docs, top_k)
+        # any search tool with BM25Search's interface (tools/dense.py: dense, hybrid); default BM25 over docs
+        self.search = BM25Search(docs, top_k) if search is None else search
         self.top_k, self.verbose = top_k, verbose
         self.read_timeout, self.write_timeout, self.workers = read_timeout, write_timeout, workers
         self.max_connections = max_connections or _default_max_connections()
