@@ -115,6 +115,9 @@ class VLLMPolicy:
             model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_context,
             enforce_eager=engine_cfg.enforce_eager, enable_prefix_caching=engine_cfg.prefix_caching,
             logprobs_mode="processed_logprobs", disable_log_stats=False, max_num_seqs=max_num_seqs,
+            # whole prompts per scheduler step: with a prompt prefilled in chunks vLLM 0.32.0 rewinds a seeded
+            # request's generator by an offset, which a CPU torch.Generator does not have (RuntimeError)
+            enable_chunked_prefill=False, max_num_batched_tokens=max(8192, max_context),
             worker_extension_cls="tracerl.backends.vllm_worker.TracerlWeightSync",
             enable_sleep_mode=bool(engine_cfg.sleep_during_update and device.startswith("cuda")))
         if device.startswith("cuda"):
