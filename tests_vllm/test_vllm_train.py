@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _train(run: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     return subprocess.run([sys.executable, "-m", "tracerl.cli", "train", *VLLM_RUN, "engine.name=vllm",
-                           f"run.dir={run}", *overrides], capture_output=True, text=True, env=env, timeout=600)
+                           "trainer.steps=2", f"run.dir={run}", *overrides], capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.mark.parametrize("method", [
@@ -32,7 +32,7 @@ def test_tiny_run_through_vllm(tmp_path, method):
     assert p.returncode == 0, p.stderr[-3000:]
     assert_learned(run)
     rows = read_jsonl(run / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         # fp32 on both sides: the engine's log-probs of its own samples equal the trainer's recomputation
         assert r["logp_drift"] < 1e-4, r["logp_drift"]
