@@ -98,7 +98,8 @@ def range_cases() -> list[Case]:
                 args = ("train", f"{section}.{name}={bad}")
                 cases.append(Case(args, f"{section}.{name}", "config ranges", WAS.get(" ".join(args), "")))
     env_base = {"multihop": (), "arith": ("env.name=arith", "env.max_turns=1"),
-                "real_qa": ("env.name=real_qa", "env.options.train_files={tmp}/qa.jsonl")}
+                "real_qa": ("env.name=real_qa", "env.options.train_files={tmp}/qa.jsonl"),
+                "qa": ("env.name=qa", "env.max_turns=1", "data.train_files={tmp}/qa.jsonl")}
     for env in ENVIRONMENTS.names():
         for name, f in options_model(env).model_fields.items():
             for bad in _bad_values(f):
@@ -300,6 +301,21 @@ def hand_cases() -> list[Case]:
         c(k, "trainer.lr", "sim", "trainer.lr=1"),
         c(k, "rollout.group_size", "sim", "rollout.group_size=0"),
     ]
+    k = "custom tasks and trackers"  # references to the user's code, datasets, loggers (docs/custom_tasks.md)
+    qa = ("env.name=qa", "env.max_turns=1", "env.options={}")
+    cases += [
+        c(k, "nowhere.py", "train", "env.reward={tmp}/nowhere.py:f"),
+        c(k, "'nope'", "train", "env.reward={tmp}/user_code.py:nope"),
+        c(k, "env.reward", "train", "env.reward={tmp}/user_code.py:two_args"),
+        c(k, "env.reward", "train", "env.reward=user_code.compute"),
+        c(k, "env.name", "train", "env.name={tmp}/user_code.py:NotAnEnv", "env.options={}"),
+        c(k, "env.tools", "train", "env.tools=[{tmp}/user_code.py:two_args]"),
+        c(k, "data.train_files", "train", "data.train_files={tmp}/qa.jsonl"),
+        c(k, "data.train_files", "train", *qa),
+        c(k, "data.prompt_key", "train", *qa, "data.train_files={tmp}/qa.jsonl"),
+        c(k, "trainer.loggers", "train", "trainer.loggers=[console]"),
+        c(k, "trainer.loggers", "train", "trainer.loggers=[jsonl,neptune]"),
+    ]
     return cases
 
 
@@ -326,6 +342,7 @@ def make_inputs(tmp: Path) -> None:
         "arith.yaml": "env: {name: arith, max_turns: 1, options: {}}\n",
         "deep.jsonl": "[" * 100000 + "]" * 100000 + "\n", "broken.jsonl": line + '{"question": \n',
         "not_object.jsonl": "[1, 2]\n", "no_answer.jsonl": '{"question": "Who?"}\n', "empty.jsonl": "\n",
+        "user_code.py": "def two_args(a, b):\n    return 1.0\n\nclass NotAnEnv:\n    pass\n",
     }
     for name, text in files.items():
         (tmp / name).write_text(text)
@@ -512,13 +529,13 @@ def test_options_models_match_the_constructors():
     """The typed options are each environment's keyword arguments, with the same defaults."""
     import inspect
 
-    from tracerl.envs import ENVIRONMENTS, SHARED_KEYS, options_model
+    from tracerl.envs import ENVIRONMENTS, INPUT_KEYS, SHARED_KEYS, options_model
     from tracerl.envs.world import WorldConfig
 
     for name in ENVIRONMENTS.names():
         cls, model = ENVIRONMENTS.get(name), options_model(name)
         params = {k: p.default for k, p in inspect.signature(cls).parameters.items()
-                  if k not in SHARED_KEYS and p.kind is not p.VAR_KEYWORD}
+                  if k not in SHARED_KEYS + INPUT_KEYS and p.kind is not p.VAR_KEYWORD}
         params.update({k: getattr(WorldConfig(), k) for k in getattr(cls, "extra_options", ())})
         fields = {k: f.get_default(call_default_factory=True) for k, f in model.model_fields.items()}
         if "hop_mix" in fields:

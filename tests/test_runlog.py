@@ -167,11 +167,11 @@ def test_a_full_disk_on_a_row_is_one_line_naming_the_file(tmp_path):
 
     log = RunLogger(tmp_path, tensorboard=False)
     path = tmp_path / "metrics.jsonl"
-    log._files[path].close()
-    log._files[path] = open("/dev/full", "a")  # every write ends in ENOSPC, as on a really full disk
+    log.jsonl._files[path].close()
+    log.jsonl._files[path] = open("/dev/full", "a")  # every write ends in ENOSPC, as on a really full disk
     with pytest.raises(TracerlError) as e:
         log.log_step(1, _metrics(1))
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg and "no space left on device" in msg and "resumes" in msg
-    log._files[path] = open(path, "a")
+    log.jsonl._files[path] = open(path, "a")
     log.close()

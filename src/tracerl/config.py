@@ -55,11 +55,34 @@ class RunConfig(Section):
         return v
 
 
+def _reference(v: str | None) -> str | None:
+    """A reference to user code (checked for form here; loaded before a command runs: tracerl.setup.preflight)."""
+    if v is not None and (":" not in v or not v.rpartition(":")[0] or not v.rpartition(":")[2]):
+        raise ValueError(f"must be a reference module.path:Name or path/to/file.py:Name, got {v!r}")
+    return v
+
+
 class EnvConfig(Section):
-    name: str = Field("multihop", description="Environment name (registry: multihop, arith, real_qa).")
+    name: str = Field("multihop", description="Environment name (registry: multihop, arith, real_qa, qa) or your class: module.path:Class or path/to/env.py:Class (docs/custom_tasks.md).")
     seed: int = Field(0, description="Seed of the environment's task generator (the synthetic world).")
     max_turns: int = Field(4, ge=1, description="Maximum model turns per episode.")
     options: dict[str, Any] = Field(default_factory=lambda: {"top_k": 2}, description="The environment's typed options (world sizes, top_k, data files ...; `--help-config` lists them), checked against the model the environment registers before a command builds anything; default {top_k: 2} for multihop (the quickstart retrieves 2 documents per search), {} for the others.")
+
+    # -- bring your own task (docs/custom_tasks.md) --
+    reward: str | None = Field(None, description="Your reward function, module.path:fn or path/to/reward.py:fn, verl's compute_score(data_source, solution_str, ground_truth, extra_info) or TRL's reward_func(completions, **kwargs); replaces the environment's reward (None: keep it).")
+    tools: list[str] = Field(default_factory=list, description="Your tools, module.path:Tool or path/to/tools.py:Tool each, given to the environment as tools={name: tool}.")
+
+    @field_validator("reward")
+    @classmethod
+    def _reward_reference(cls, v: str | None) -> str | None:
+        return _reference(v)
+
+    @field_validator("tools")
+    @classmethod
+    def _tool_references(cls, v: list[str]) -> list[str]:
+        for ref in v:
+            _reference(ref)
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -68,6 +91,48 @@ class EnvConfig(Section):
         if isinstance(data, dict) and "options" not in data and data.get("name", "multihop") != "multihop":
             return {**data, "options": {}}
         return data
+
+
+DataFiles = str | list[str] | None
+
+
+class DataConfig(Section):
+    """Your dataset, read with Hugging Face `datasets` (JSONL, parquet, CSV or a local dataset directory),
+    as the tasks of the environment (qa, or your own environment taking `tasks`); docs/custom_tasks.md."""
+
+    train_files: DataFiles = Field(None, description="Train split file(s) or dataset directory (None: the environment makes its own tasks).")
+    validation_files: DataFiles = Field(None, description="Validation split file(s).")
+    test_files: DataFiles = Field(None, description="Test split file(s).")
+    heldout_files: DataFiles = Field(None, description="Heldout split file(s).")
+    validation_size: int = Field(0, ge=0, description="Train rows held out as the validation split (only without validation_files).")
+    max_rows: int | None = Field(None, ge=1, description="Read at most this many rows per file (None: all).")
+    prompt_key: str = Field("prompt", min_length=1, description="Column of the prompt: text, or a chat list whose last user message is the question (verl's layout); dotted keys reach into struct columns.")
+    answer_key: str = Field("answer", min_length=1, description="Column of the gold answer: text, a number, a list (gold first, then aliases) or {target: [...]}; e.g. reward_model.ground_truth for verl parquet.")
+    extra_keys: list[str] | None = Field(None, description="Columns kept as the task's extra_info (what a reward function receives; None: every other column).")
+    id_key: str | None = Field(None, description="Column of row ids (None: file name and row number).")
+    source_key: str = Field("data_source", min_length=1, description="Column naming each row's source, verl's data_source (missing column: the file name).")
+
+    @field_validator("train_files", "validation_files", "test_files", "heldout_files", mode="before")
+    @classmethod
+    def _files(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and v.strip()):
+            return v
+        if isinstance(v, list) and v and all(isinstance(f, str) and f.strip() for f in v):
+            return v
+        raise ValueError(f"must be a path or a non-empty list of paths, got {v!r}"[:160])
+
+    @model_validator(mode="after")
+    def _validation_split(self) -> "DataConfig":
+        if self.validation_size and self.validation_files:
+            raise ValueError("data.validation_size holds train rows out as the validation split; it cannot be "
+                             "combined with data.validation_files")
+        if self.validation_size and not self.train_files:
+            raise ValueError("data.validation_size holds train rows out, but data.train_files is not set")
+        return self
+
+    def given(self) -> bool:
+        """Whether any split comes from files."""
+        return any((self.train_files, self.validation_files, self.test_files, self.heldout_files))
 
 
 class ModelConfig(Section):
@@ -264,6 +329,19 @@ class TrainerConfig(Section):
     tensorboard: bool = Field(True, description="Write TensorBoard events under RUN_DIR/tb.")
     progress: bool = Field(True, description="Show a progress bar.")
     tree_log_every: int = Field(10, ge=0, description="Write the step's rollout trees to RUN_DIR/trees/ every N steps (0: never); the report's tree view reads them.")
+    # -- trackers (docs/trackers.md) --
+    loggers: list[Literal["console", "jsonl", "tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["console", "jsonl", "tensorboard"], description="Where step and evaluation metrics go: console (the progress line), jsonl (RUN_DIR/metrics.jsonl, eval.jsonl; always on), tensorboard (RUN_DIR/tb), wandb, mlflow (pip install 'tracerl[tracking]'); trainer.tensorboard=false / trainer.progress=false drop those two.")
+    project: str = Field("tracerl", min_length=1, description="wandb project / mlflow experiment of the run (the run's name is run.name).")
+
+    @field_validator("loggers")
+    @classmethod
+    def _loggers(cls, v: list[str]) -> list[str]:
+        if "jsonl" not in v:
+            raise ValueError(f"config key 'trainer.loggers': must include jsonl (metrics.jsonl and eval.jsonl are what "
+                             f"the report, eval and resume read), got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"config key 'trainer.loggers': names a logger twice: {v}")
+        return v
 
     @field_validator("betas", mode="before")
     @classmethod
@@ -303,6 +381,7 @@ class EngineConfig(Section):
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity and hardware.")
     env: EnvConfig = Field(default_factory=EnvConfig, description="Environment.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Your dataset as the environment's tasks (off by default).")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Warm start for the tiny preset.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Sampling.")

@@ -25,7 +25,20 @@ def summarize(trajs: list[Trajectory]) -> dict[str, float]:
         "tool_calls_per_episode": sum(t.tool_calls for t in trajs) / len(trajs),
         "truncated_rate": mean(float(bool(t.info.get("truncated"))) for t in trajs),
         **gold_recall(trajs),
+        **reward_errors(trajs),
     }
+
+
+def reward_errors(trajs: list[Trajectory]) -> dict[str, float]:
+    """With env.reward (`tracerl.envs.custom`): {"reward_errors": episodes whose reward function failed,
+    "reward_errors/<reason>": those of each reason}; {} for the environments' own rewards."""
+    if not any("reward_error" in t.info for t in trajs):
+        return {}
+    reasons = [t.info.get("reward_error") for t in trajs]
+    out = {"reward_errors": float(sum(r is not None for r in reasons))}
+    for r in sorted({r for r in reasons if r is not None}):
+        out[f"reward_errors/{r}"] = float(reasons.count(r))
+    return out
 
 
 def gold_recall(trajs: list[Trajectory]) -> dict[str, float]:

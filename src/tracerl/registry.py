@@ -69,3 +69,62 @@ class Registry(Generic[F]):
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+
+# ---------------------------------------------------------------------------------------------
+# References: user code named by an import path or a file path instead of a registered name
+
+
+def is_reference(name: str) -> bool:
+    """Whether `name` names user code ("pkg.mod:Attr" or "path/to/file.py:Attr") rather than a registered name."""
+    return isinstance(name, str) and ":" in name
+
+
+def load_reference(ref: str, key: str) -> Any:
+    """The object a reference names: "pkg.module:Attr" (imported) or "path/to/file.py:Attr" (a file run as a
+    module, relative paths from the working directory; its folder joins the end of sys.path so that it can
+    import its neighbours). `Attr` may be dotted. Anything wrong is one OptionError naming `key` (the config
+    key) and the reference: a missing file or module, an error while importing it, a missing attribute."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+    from pathlib import Path
+
+    where, _, attr = ref.rpartition(":")
+    if not where or not attr or not all(p.isidentifier() for p in attr.split(".")):
+        raise OptionError(f"config key '{key}': {ref!r} is not a reference; write module.path:Name or path/to/file.py:Name")
+    if where.endswith(".py") or "/" in where or os.sep in where:
+        path = Path(where).expanduser()
+        if not path.is_file():
+            raise OptionError(f"config key '{key}': file {where} {'is not a file' if path.exists() else 'does not exist'} "
+                              f"(from {ref!r}; relative paths start at {Path.cwd()})")
+        path = path.resolve()
+        name = "tracerl_user_" + "".join(c if c.isalnum() else "_" for c in str(path.with_suffix("")))[-120:]
+        module = sys.modules.get(name)
+        if module is None:
+            if str(path.parent) not in sys.path:
+                sys.path.append(str(path.parent))
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # before it runs: dataclasses and pickle look their module up
+            try:
+                spec.loader.exec_module(module)
+            except Exception as e:
+                del sys.modules[name]
+                raise OptionError(f"config key '{key}': loading {where} raised {type(e).__name__}: "
+                                  f"{' '.join(str(e).split())[:160]}") from None
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as e:
+            raise OptionError(f"config key '{key}': cannot import {where!r} ({e}) from {ref!r}") from None
+        except Exception as e:
+            raise OptionError(f"config key '{key}': importing {where} raised {type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:160]}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise OptionError(f"config key '{key}': {where} has no attribute {part!r} (from {ref!r})")
+        obj = getattr(obj, part)
+    return obj

@@ -32,9 +32,9 @@ from tracerl.rundir import CONFIG_FILE, CONFIG_HISTORY_FILE, atomic_write_text
 NO_EFFECT = frozenset({
     "run.name", "run.out_dir", "run.dir", "run.dist_timeout_s",
     "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.tensorboard", "trainer.progress",
-    "trainer.tree_log_every", "credit.log_samples",
+    "trainer.tree_log_every", "credit.log_samples", "trainer.loggers", "trainer.project",
 })
-FIXED = ("model.", "env.", "sft.")
+FIXED = ("model.", "env.", "sft.", "data.")
 
 
 def flat(tree: dict, prefix: str = "") -> dict[str, Any]:

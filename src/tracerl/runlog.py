@@ -1,16 +1,16 @@
 """What a run leaves on disk while it trains, and what it shows on the terminal.
 
 A run directory holds ``metrics.jsonl`` (one row per training step), ``eval.jsonl`` (one row per
-evaluation) and ``tb/`` (TensorBoard events); the layout is `tracerl.rundir`'s::
+evaluation) and ``tb/`` (TensorBoard events); the layout is `tracerl.rundir`'s. Every row goes through
+one interface, `MetricsLogger`, to each logger trainer.loggers names (registry `LOGGERS`: console, jsonl,
+tensorboard here; wandb and mlflow in `tracerl.trackers`)::
 
-    with RunLogger(run_dir, resume_step=ckpt_step) as log, Progress(total_steps) as bar:
+    with RunLogger(run_dir, resume_step=ckpt_step, loggers=["console", "wandb"], context=ctx) as log:
         for step in range(ckpt_step + 1, total_steps + 1):
-            metrics = train_step()
-            log.log_step(step, metrics)
-            bar.update(step, metrics)
+            log.log_step(step, train_step())
 
-The JSONL files are the source of truth (the HTML report and any notebook read them); TensorBoard
-is a convenience view of the same numbers.
+The JSONL files are the source of truth (the HTML report and any notebook read them); the other
+loggers are views of the same numbers (docs/trackers.md).
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tracerl.errors import TracerlError, error_reason
+from tracerl.registry import Registry
 from tracerl.rundir import EVAL_FILE, METRICS_FILE, TB_DIR, atomic_write_text
 
 
@@ -125,55 +127,71 @@ def _step_of(row: Mapping[str, Any]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# The logger
+# The loggers (trainer.loggers): one interface, looked up by name in LOGGERS
 
 
-class RunLogger:
-    """Appends step and evaluation rows to the run directory and mirrors numbers to TensorBoard.
+@dataclass(frozen=True)
+class LoggerContext:
+    """What a logger may need to start: the run directory and name, the config, where the run starts."""
+
+    run_dir: Path
+    run_name: str = "run"
+    project: str = "tracerl"  # wandb project / mlflow experiment
+    config: Mapping[str, Any] = field(default_factory=dict)  # the run's config (dump_config's tree)
+    resume_step: int | None = None  # a resume from the checkpoint of this step (None: a new run)
+    total_steps: int = 0  # the console's progress bar
+    progress: bool = True  # trainer.progress
+
+
+class MetricsLogger(Protocol):
+    """Where step and evaluation metrics go (trainer.loggers); `RunLogger` hands every row to each."""
+
+    def log_step(self, step: int, metrics: Mapping[str, Any]) -> None: ...
+
+    def log_eval(self, step: int, split: str, metrics: Mapping[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+LOGGERS: Registry = Registry("logger", traits={"package": None})  # name -> factory(LoggerContext) -> MetricsLogger
+
+
+def scalars(prefix: str, metrics: Mapping[str, Any]) -> dict[str, float]:
+    """{"prefix/key": value} of the finite numbers of a row (what the trackers record; strings, lists and
+    non-finite values, null in metrics.jsonl, are left out)."""
+    out = {}
+    for key, value in metrics.items():
+        number = as_float(value)
+        if number is not None and math.isfinite(number) and key not in ("step", "split"):
+            out[f"{prefix}/{key}"] = number
+    return out
+
+
+@LOGGERS.register("jsonl")
+class JsonlLogger:
+    """metrics.jsonl and eval.jsonl, the run's source of truth (always on).
 
     Each row is written with one ``write`` call, flushed and fsync'ed, so a crash loses at most the
     row being written (which ``read_jsonl`` then skips). With ``resume_step=S`` rows after step S
     are dropped first, so a resumed run's files equal those of an uninterrupted run; without it,
-    rows are appended to whatever the files already hold.
-    """
+    rows are appended to whatever the files already hold."""
 
-    def __init__(
-        self,
-        run_dir: str | os.PathLike,
-        *,
-        tensorboard: bool = True,
-        resume_step: int | None = None,
-    ):
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.run_dir / METRICS_FILE
-        self.eval_path = self.run_dir / EVAL_FILE
-        if resume_step is not None:
-            _truncate_after(self.metrics_path, resume_step)
-            _truncate_after(self.eval_path, resume_step)
+    def __init__(self, ctx: LoggerContext):
+        self.metrics_path = ctx.run_dir / METRICS_FILE
+        self.eval_path = ctx.run_dir / EVAL_FILE
+        if ctx.resume_step is not None:
+            _truncate_after(self.metrics_path, ctx.resume_step)
+            _truncate_after(self.eval_path, ctx.resume_step)
         for path in (self.metrics_path, self.eval_path):
             _drop_partial_tail(path)
-        self._files = {
-            path: open(path, "a", encoding="utf-8") for path in (self.metrics_path, self.eval_path)
-        }
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # heavy import; only when asked
-
-            # purge_step hides events a crashed run wrote after its last checkpoint.
-            purge = None if resume_step is None else resume_step + 1
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / TB_DIR), purge_step=purge)
+        self._files = {path: open(path, "a", encoding="utf-8") for path in (self.metrics_path, self.eval_path)}
 
     def log_step(self, step: int, metrics: Mapping[str, Any]) -> None:
-        row = {"step": int(step), **{k: v for k, v in metrics.items() if k != "step"}}
-        self._append(self.metrics_path, row)
-        self._scalars("train", step, metrics)
+        self._append(self.metrics_path, {"step": int(step), **{k: v for k, v in metrics.items() if k != "step"}})
 
     def log_eval(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
         rest = {k: v for k, v in metrics.items() if k not in ("step", "split")}
-        row = {"step": int(step), "split": split, **rest}
-        self._append(self.eval_path, row)
-        self._scalars(f"eval/{split}", step, metrics)
+        self._append(self.eval_path, {"step": int(step), "split": split, **rest})
 
     def _append(self, path: Path, row: Mapping[str, Any]) -> None:
         f = self._files[path]
@@ -185,21 +203,109 @@ class RunLogger:
             raise TracerlError(f"could not append to {path}: {error_reason(e)}; the run stops "
                                "here and resumes from its last checkpoint once this is fixed") from None
 
-    def _scalars(self, prefix: str, step: int, metrics: Mapping[str, Any]) -> None:
-        if self._tb is None:
-            return
-        for key, value in metrics.items():
-            number = as_float(value)
-            if number is not None and key not in ("step", "split"):
-                self._tb.add_scalar(f"{prefix}/{key}", number, global_step=int(step))
-
     def close(self) -> None:
         for f in self._files.values():
             if not f.closed:
                 f.close()
+
+
+@LOGGERS.register("tensorboard")
+class TensorBoardLogger:
+    """TensorBoard events under RUN_DIR/tb: train/<key> per step, eval/<split>/<key> per evaluation."""
+
+    def __init__(self, ctx: LoggerContext):
+        from torch.utils.tensorboard import SummaryWriter  # heavy import; only when asked
+
+        # purge_step hides events a crashed run wrote after its last checkpoint.
+        purge = None if ctx.resume_step is None else ctx.resume_step + 1
+        self._tb = SummaryWriter(log_dir=str(ctx.run_dir / TB_DIR), purge_step=purge)
+
+    def log_step(self, step: int, metrics: Mapping[str, Any]) -> None:
+        self._write(step, scalars("train", metrics))
+
+    def log_eval(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+        self._write(step, scalars(f"eval/{split}", metrics))
+
+    def _write(self, step: int, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self._tb.add_scalar(key, value, global_step=int(step))
+
+    def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+@LOGGERS.register("console")
+class ConsoleLogger:
+    """The progress bar (a terminal) or a plain line every few steps (`Progress`), started at the first row."""
+
+    def __init__(self, ctx: LoggerContext):
+        start = ctx.resume_step or 0
+        self.bar = Progress(total=ctx.total_steps, start=start, disable=not ctx.progress)
+        self._open = False
+
+    def _started(self) -> Progress:
+        if not self._open:
+            self.bar.__enter__()
+            self._open = True
+        return self.bar
+
+    def log_step(self, step: int, metrics: Mapping[str, Any]) -> None:
+        self._started().update(step, metrics)
+
+    def log_eval(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+        if split == "validation" and "em" in metrics:  # shown with the steps that follow
+            self._started().note({"val_em": metrics["em"]}, step)
+
+    def close(self) -> None:
+        if self._open:
+            self.bar.__exit__(None, None, None)
+            self._open = False
+
+
+class RunLogger:
+    """Hands step and evaluation rows to every logger of trainer.loggers: metrics.jsonl and eval.jsonl
+    always (`JsonlLogger`), TensorBoard unless `tensorboard=False`, and the others `loggers` names
+    (console; wandb and mlflow once `tracerl.trackers` is imported, which registers them)."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+        loggers: Sequence[str] = (),
+        context: LoggerContext | None = None,
+    ):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ctx = context or LoggerContext(self.run_dir)
+        ctx = LoggerContext(self.run_dir, ctx.run_name, ctx.project, ctx.config, resume_step, ctx.total_steps,
+                            ctx.progress)
+        names = ["jsonl", *(["tensorboard"] if tensorboard else []),
+                 *(n for n in loggers if n not in ("jsonl", "tensorboard"))]
+        self.loggers: list[MetricsLogger] = []
+        try:
+            for name in names:
+                self.loggers.append(LOGGERS.get(name)(ctx))
+        except BaseException:
+            self.close()
+            raise
+        self.jsonl: JsonlLogger = self.loggers[0]
+        self.metrics_path, self.eval_path = self.jsonl.metrics_path, self.jsonl.eval_path
+
+    def log_step(self, step: int, metrics: Mapping[str, Any]) -> None:
+        for logger in self.loggers:
+            logger.log_step(step, metrics)
+
+    def log_eval(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+        for logger in self.loggers:
+            logger.log_eval(step, split, metrics)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
 
     def __enter__(self) -> RunLogger:
         return self
@@ -324,6 +430,14 @@ class Progress:
         parts = [f"{self.description} {step}/{self.total} ({pct:.0f}%)"]
         parts += [f"elapsed {_clock(elapsed)}", f"eta {_clock(eta)}"] + ([stats] if stats else [])
         self.console.out(" | ".join(parts), highlight=False)
+
+    def note(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Values shown from now on (e.g. a validation score) without printing a line; a live bar
+        shows them at once (at `step`, when given)."""
+        self._latest.update({k: v for k, v in metrics.items() if k in self.fields})
+        if self._bar is not None and not self.disable:
+            self._bar.update(self._task, stats=self.stats(self._latest),
+                             **({"completed": step} if step is not None else {}))
 
     def print(self, text: str) -> None:
         """A message that should not disturb the bar (e.g. an evaluation result)."""

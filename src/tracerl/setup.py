@@ -21,7 +21,7 @@ import torch
 
 from tracerl.backends.base import GenerationBackend
 from tracerl.backends.hf import HFPolicy
-from tracerl.config import Config
+from tracerl.config import Config, ConfigError
 from tracerl.distill.teacher import TeacherNoteDemos
 from tracerl.envs import make_env
 from tracerl.envs.answers import set_em_mode
@@ -37,8 +37,11 @@ def preflight(cfg: Config, model_dir: Path | None = None) -> None:
     from tracerl.envs import check_options
     from tracerl.methods import check_methods
     from tracerl.models.io import check_model_dir
+    from tracerl.trackers import check_available
 
     check_options(cfg.env.name, cfg.env.options, cfg.env.max_turns)  # typed env.options (the config knows no env)
+    check_custom_task(cfg)
+    check_available(cfg.trainer.loggers)  # wandb / mlflow installed when named
     check_methods(cfg)
     check_device(cfg.run.device)
     if model_dir is not None:
@@ -47,17 +50,82 @@ def preflight(cfg: Config, model_dir: Path | None = None) -> None:
         check_model_dir(cfg.model.path)
 
 
+def check_custom_task(cfg: Config) -> None:
+    """The user's code and data the config names (docs/custom_tasks.md), each failure one line: env.reward
+    loads and has verl's or TRL's signature, env.tools load, the environment takes what it is given
+    (`tasks` for data.*, `tools`), and has demonstrations when an SFT warm start needs them."""
+    from tracerl.envs import env_class, takes
+    from tracerl.envs.custom import load_reward, load_tools
+
+    cls = env_class(cfg.env.name)
+    if cfg.env.reward is not None:
+        load_reward(cfg.env.reward)
+    if cfg.env.tools:
+        load_tools(cfg.env.tools)
+        if not takes(cls, "tools"):
+            raise ConfigError(f"config key 'env.tools': environment {cfg.env.name!r} takes no tools argument")
+    if cfg.data.given() and not takes(cls, "tasks"):
+        raise ConfigError(f"config key 'data.train_files': environment {cfg.env.name!r} makes its own tasks (it takes no "
+                          "tasks argument); a dataset goes to env.name=qa or to your own environment")
+    if not cfg.data.given() and getattr(cls, "needs_tasks", False):
+        raise ConfigError(f"config key 'data.train_files': environment {cfg.env.name!r} reads its tasks from a dataset; "
+                          "set data.train_files (and data.validation_files or data.validation_size)")
+    if uses_sft(cfg) and not callable(getattr(cls, "oracle_turns", None)):
+        raise ConfigError(f"config key 'env.name': {cfg.env.name} has no oracle_turns, which the SFT warm start needs "
+                          f"(model.preset={cfg.model.preset}{'' if cfg.model.preset == 'tiny' else ', sft.pretrained=true'}); "
+                          "add it or start from a pretrained model without SFT")
+
+
 def apply_threads(cfg: Config) -> None:
     """run.threads (torch intra-op threads) for every command that runs the model: train, sft, eval, calibrate."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
 
 
-def build_env(cfg: Config) -> Environment:
-    """The config's environment (env.name with its seed, turn cap and options); its answers are matched
-    as eval.em says (the reward in training and the EM of evaluation alike)."""
+def build_env(cfg: Config, log=None) -> Environment:
+    """The config's environment (env.name with its seed, turn cap and options; the tasks of data.* and the
+    tools of env.tools when given); its answers are matched as eval.em says (the reward in training and the
+    EM of evaluation alike), and with env.reward its episodes are scored by the user's function."""
+    from tracerl.envs.custom import RewardEnv, load_reward, load_tools
+
     set_em_mode(cfg.eval.em)
-    return make_env(cfg.env.name, seed=cfg.env.seed, max_turns=cfg.env.max_turns, **cfg.env.options)
+    inputs = {}
+    if cfg.data.given():
+        inputs["tasks"] = dataset_tasks(cfg)
+    if cfg.env.tools:
+        inputs["tools"] = load_tools(cfg.env.tools)
+    env = make_env(cfg.env.name, seed=cfg.env.seed, max_turns=cfg.env.max_turns, **inputs, **cfg.env.options)
+    if cfg.env.reward is not None:
+        env = RewardEnv(env, load_reward(cfg.env.reward), log)
+    return env
+
+
+def dataset_tasks(cfg: Config) -> dict[str, list]:
+    """{split: tasks} of data.*_files (`tracerl.envs.dataset`); data.validation_size holds train rows out
+    (a seeded draw) as the validation split."""
+    import random
+
+    from tracerl.envs.dataset import load_tasks
+    from tracerl.errors import DataError
+    from tracerl.task import SPLITS
+
+    d = cfg.data
+    keys = dict(prompt_key=d.prompt_key, answer_key=d.answer_key, extra_keys=d.extra_keys, id_key=d.id_key,
+                source_key=d.source_key, max_rows=d.max_rows)
+    out = {}
+    for split in SPLITS:
+        files = getattr(d, f"{split}_files")
+        files = [files] if isinstance(files, str) else list(files or [])
+        out[split] = load_tasks(files, split, **keys)
+    if d.validation_size:
+        train = out["train"]
+        if d.validation_size >= len(train):
+            raise DataError(f"config key 'data.validation_size' = {d.validation_size} leaves no train rows "
+                            f"(data.train_files hold {len(train)})")
+        picked = set(random.Random(f"data:{cfg.env.seed}").sample(range(len(train)), d.validation_size))
+        out["validation"] = [t for i, t in enumerate(train) if i in picked]
+        out["train"] = [t for i, t in enumerate(train) if i not in picked]
+    return out
 
 
 def build_backend(cfg: Config, model, tokenizer, model_dir: Path, device: str) -> GenerationBackend:

@@ -66,8 +66,13 @@ def sft_key(cfg: Config) -> str:
         base = Path(m.path).resolve() if m.preset == "path" else None
         model = {"preset": m.preset, "path": str(base) if base else None, "max_context": m.max_context,
                  "weights_mtime": max((f.stat().st_mtime_ns for f in base.glob("*.safetensors")), default=0) if base else 0}
-    payload = {"v": SFT_VERSION, "env": cfg.env.model_dump(mode="json"), "sft": sft, "model": model,
-               "chat_template": m.chat_template}
+    env = cfg.env.model_dump(mode="json")
+    del env["reward"]  # the demos' text does not depend on the reward function
+    if not env["tools"]:  # added later: without tools (and data) the key stays what it was
+        del env["tools"]
+    payload = {"v": SFT_VERSION, "env": env, "sft": sft, "model": model, "chat_template": m.chat_template}
+    if cfg.data.given():  # the dataset's tasks are the demos' questions
+        payload["data"] = cfg.data.model_dump(mode="json")
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

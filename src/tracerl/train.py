@@ -49,7 +49,7 @@ from tracerl.models.io import load_policy
 from tracerl.objective import Denominators, LossSpec, objective, score_only
 from tracerl.packing import TokenBatch, build_batch, join_packs, split_by_pack
 from tracerl.rollout import RolloutCost, RolloutEngine
-from tracerl.runlog import Progress, RunLogger, read_jsonl
+from tracerl.runlog import LoggerContext, RunLogger, read_jsonl
 from tracerl.setup import apply_threads, build_backend, build_env, preflight, resolve_model_path, uses_sft
 from tracerl.sft import split_train
 from tracerl.tree import RolloutTree, mixed_anchors, tree_leaves, write_jsonl
@@ -73,7 +73,7 @@ def reduce_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key in dict.fromkeys(k for m in per_rank for k in m):
         vals = [(m[key], w) for m, w in zip(per_rank, weights) if key in m]
-        if key in SUMMED:
+        if key in SUMMED or key.startswith("reward_errors"):  # counts of failed reward calls (tracerl.envs.custom)
             out[key] = float(sum(v for v, _ in vals))
         elif key in SLOWEST:
             out[key] = float(max(v for v, _ in vals))
@@ -150,9 +150,19 @@ class Trainer:
         self.start_step, self.totals = 0, {k: 0 for k in TOTALS}
         if self.resume_dir is not None:
             self._restore()
-        self.logger = RunLogger(self.run_dir, tensorboard=cfg.trainer.tensorboard,
-                                resume_step=self.start_step if self.resume_dir is not None else None) \
-            if self.world.is_main else _NoLogger()
+        self.logger = self._run_logger() if self.world.is_main else _NoLogger()
+
+    def _run_logger(self) -> RunLogger:
+        """The loggers of trainer.loggers (metrics.jsonl always; trainer.tensorboard / trainer.progress = false
+        drop tensorboard / console)."""
+        import tracerl.trackers  # noqa: F401  (registers wandb and mlflow with LOGGERS)
+
+        t = self.cfg.trainer
+        names = [n for n in t.loggers if not (n == "tensorboard" and not t.tensorboard)]
+        ctx = LoggerContext(self.run_dir, self.cfg.run.name, t.project, self.cfg.model_dump(mode="json"),
+                            total_steps=t.steps, progress=t.progress)
+        return RunLogger(self.run_dir, tensorboard="tensorboard" in names, loggers=names, context=ctx,
+                         resume_step=self.start_step if self.resume_dir is not None else None)
 
     def _on_main(self, what: str, fn, *args) -> None:
         """Run `fn` on rank 0 only (the run directory's files); if it fails, every rank stops with its error."""
@@ -635,22 +645,21 @@ class Trainer:
         if self.start_step == 0 and t.eval_at_start:
             last_eval = self.evaluate(0)
             self.log(f"step 0 validation EM {last_eval['em']:.3f} F1 {last_eval['f1']:.3f}")
-        with Progress(total=t.steps, start=self.start_step, disable=not (t.progress and self.world.is_main)) as bar:
+        try:
             for step in range(self.start_step, t.steps):
                 metrics = self.train_step(step)
                 if not all(math.isfinite(v) for v in (metrics.get("loss", 0.0), metrics.get("grad_norm", 0.0))):
                     raise TracerlError(f"non-finite loss at step {step + 1}; last good checkpoint is kept")
-                self.logger.log_step(step + 1, metrics)
-                bar.update(step + 1, metrics)
+                self.logger.log_step(step + 1, metrics)  # every logger of trainer.loggers (the console's bar too)
                 done = step + 1 == t.steps
                 if (t.eval_every and (step + 1) % t.eval_every == 0) or done:
                     last_eval = self.evaluate(step + 1)
-                    bar.update(step + 1, {**metrics, "val_em": last_eval["em"]})
                 if (t.checkpoint_every and (step + 1) % t.checkpoint_every == 0) or done:
                     self.save(step + 1)
-        if self.start_step >= t.steps and not last_eval:  # resumed from the final checkpoint
-            last_eval = self._logged_eval(t.steps) or self.evaluate(t.steps)
-        self.logger.close()
+            if self.start_step >= t.steps and not last_eval:  # resumed from the final checkpoint
+                last_eval = self._logged_eval(t.steps) or self.evaluate(t.steps)
+        finally:
+            self.logger.close()  # the trackers' runs end (and the progress bar stops) however the loop ends
         self._on_main("writing the report", self._finish, last_eval)
         self.release()
         return last_eval
