@@ -299,6 +299,10 @@ def hand_cases() -> list[Case]:
         c(k, "--seeds", "sim", "--seeds", "0"),
         c(k, "trainer.lr", "sim", "trainer.lr=1"),
         c(k, "rollout.group_size", "sim", "rollout.group_size=0"),
+        c(k, "{tmp}/models", "predictor-eval", "{tmp}/models"),
+        c(k, "no logged trees", "predictor-eval", "{tmp}/run_nockpt"),
+        c(k, "--mc", "predictor-eval", "{tmp}/run_nockpt", "--mc", "-1"),
+        c(k, "predictor 'oracle'", "predictor-eval", "{tmp}/run_nockpt", "--predictors", "oracle"),
     ]
     return cases
 
