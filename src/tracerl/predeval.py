@@ -11,13 +11,14 @@ Candidates (`PREDICTORS`):
 - `constant`: the training pairs' success rate;
 - `prompt_rate`: the prompt's success rate in the training trees, shrunk toward the base rate by one
   pseudo-pair; the base rate for prompts the training run never drew;
-- `features`: logistic regression on question features (hops, template) and turn features (depth,
-  generated tokens, whether the gold document, the other documents of the hop chain or an answer string
-  has appeared in an observation, format errors so far);
+- `features`: logistic regression on `task_features` (allocate/predictor.py): question features (hops,
+  template) and turn features (depth, generated tokens, whether the gold document, the other documents of
+  the hop chain or an answer string has appeared in an observation, format errors and searches so far);
 - `minilm`: logistic regression on the frozen all-MiniLM-L6-v2 embedding of the history text;
 - `hidden`: today's default, the project's `SuccessPredictor` (policy hidden state + scalars, the
   configured head), trained online step by step on the training run as the trainer trains it;
 - `hidden_offline`: the same features with a logistic head fitted on all training prefixes at once;
+- `hidden_task`: `hidden` with `predictor.task_features=true` (the `features` inputs added), online;
 - `value_model`: a separate copy of the run's initial policy with a scalar head, fully fine-tuned on the
   history tokens with squared error to the prefixes' success rates (PCL's value model);
 - `mc_ceiling`: not a predictor but the bound on any: the success rate of `mc` fresh continuations from
@@ -43,15 +44,15 @@ import torch.nn.functional as F
 
 from tracerl import seeding
 from tracerl.allocate.engine import NodeRef
-from tracerl.allocate.predictor import SuccessPredictor, TextEncoder, auroc, brier, ece, history_text
+from tracerl.allocate.predictor import (SuccessPredictor, TextEncoder, auroc, brier, ece, history_text,
+                                         task_features)
 from tracerl.checkpoint import checkpoint_dirs, read_state
 from tracerl.config import Config, load_config
-from tracerl.envs.answers import normalize_answer
 from tracerl.errors import TracerlError
 from tracerl.rundir import CHECKPOINT_DIR, CHECKPOINT_MODEL_DIR, CONFIG_FILE, TREES_DIR, step_of
 from tracerl.tree import RolloutTree, read_jsonl
 
-PREDICTORS = ("constant", "prompt_rate", "features", "minilm", "hidden", "hidden_offline", "value_model")
+PREDICTORS = ("constant", "prompt_rate", "features", "minilm", "hidden", "hidden_offline", "hidden_task", "value_model")
 SIMPLE = ("constant", "prompt_rate", "features", "minilm")  # the baselines the default must beat
 DEFAULT = "hidden"
 CEILING = "mc_ceiling"
@@ -59,6 +60,7 @@ LABELS = {"constant": "(a) constant (train base rate)", "prompt_rate": "(b) per-
           "features": "(c) logistic: question + turn features", "minilm": "(d) MiniLM embedding + logistic",
           "hidden": "(e) policy hidden state + head, online (default)",
           "hidden_offline": "(e') policy hidden state, logistic on all training prefixes",
+          "hidden_task": "(e'') (e) + task features (predictor.task_features=true), online",
           "value_model": "(f) value model fine-tuned on history (PCL)", CEILING: "Monte-Carlo ceiling"}
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -213,53 +215,15 @@ def mc_rates(policy, env, cfg: Config, samples: Sequence[Sample], n: int, genera
 # ---------------------------------------------------------------------------------- features
 
 
-def _observations(tree: RolloutTree, node: int) -> list[str]:
-    return [str(n.turn.get("observation") or "") for n in tree.path(node)[1:]]
-
-
-class QuestionTurnFeatures:
-    """Question features (hops, template; from the task's meta where the environment gives them) and turn
-    features of a prefix; one-hot vocabularies are fixed on the training samples."""
-
-    def __init__(self, train: Sequence[Sample], max_turns: int):
-        self.max_turns = max_turns
-        self.hops = sorted({self._hops(s) for s in train})
-        self.templates = sorted({str(s.tree.task.meta.get("template", "")) for s in train})
-
-    @staticmethod
-    def _hops(s: Sample) -> int:
-        return int(s.tree.task.meta.get("hops", 0) or 0)
-
-    def row(self, s: Sample) -> list[float]:
-        meta, depth, hops = s.tree.task.meta, min(s.depth, self.max_turns - 1), self._hops(s)
-        path = s.tree.path(s.node)[1:]
-        obs = _observations(s.tree, s.node)
-        chain = [str(c) for c in meta.get("chain", [])]
-        seen = [any(f"({name})" in o for o in obs) for name in chain]
-        text = normalize_answer(" ".join(obs))
-        answer_seen = any(normalize_answer(a) and f" {normalize_answer(a)} " in f" {text} " for a in s.tree.task.answers)
-        onehot = lambda value, vocab: [float(value == v) for v in vocab]  # noqa: E731
-        depths = list(range(self.max_turns))
-        return [*onehot(depth, depths), *onehot(hops, self.hops), *onehot(s.tree.task.meta.get("template", ""), self.templates),
-                *[float(depth == d and hops == h) for d in depths for h in self.hops],
-                math.log1p(sum(len(n.gen_ids) for n in path)), float(bool(seen) and seen[-1]),
-                sum(seen) / len(seen) if seen else 0.0, float(answer_seen),
-                float(sum(1 for n in path if n.turn.get("format_error"))),
-                float(sum(1 for n in path if n.turn.get("tool_call")))]
-
-    def __call__(self, samples: Sequence[Sample]) -> torch.Tensor:
-        return torch.tensor([self.row(s) for s in samples], dtype=torch.float64)
-
-
 # ---------------------------------------------------------------------------------- logistic regression
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, l2: float, iters: int = 200) -> torch.Tensor:
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, l2: float, iters: int = 100) -> torch.Tensor:
     """Weighted logistic regression with soft targets: minimises Σ w·BCE / Σ w + l2/2·|β|² (bias free) with
     L-BFGS in float64. Returns [β, bias]."""
     x, y, w = x.double(), y.double(), w.double()
     theta = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([theta], max_iter=iters, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
+    opt = torch.optim.LBFGS([theta], max_iter=iters, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -536,9 +500,10 @@ def evaluate_predictors(eval_run: str | Path, train_run: str | Path | None = Non
         info["prompt_rate_coverage"] = sum(x.leaves for x in test if x.tree.task.id in rate) / sum(x.leaves for x in test)
     if "features" in opts.predictors:
         t = time.time()
-        feats = QuestionTurnFeatures(train, cfg.env.max_turns)
-        model = Logistic(seed=opts.seed).fit(feats(train), y, w, groups)
-        preds["features"] = model.predict(feats(test))
+        xs = [torch.tensor([task_features(x.tree, x.node, cfg.env.max_turns) for x in part], dtype=torch.float64)
+              for part in (train, test)]
+        model = Logistic(seed=opts.seed).fit(xs[0], y, w, groups)
+        preds["features"] = model.predict(xs[1])
         info["features_l2"] = model.l2
         timings["features_s"] = time.time() - t
     if "minilm" in opts.predictors:
@@ -550,7 +515,7 @@ def evaluate_predictors(eval_run: str | Path, train_run: str | Path | None = Non
         info["minilm_l2"] = model.l2
         timings["minilm_s"] = time.time() - t
 
-    wants_hidden = {"hidden", "hidden_offline"} & set(opts.predictors)
+    wants_hidden = {"hidden", "hidden_offline", "hidden_task"} & set(opts.predictors)
     generators: dict[str, Any] = {}
     initial: dict[Path, Path] = {}
 
@@ -603,6 +568,12 @@ def evaluate_predictors(eval_run: str | Path, train_run: str | Path | None = Non
             model = Logistic(seed=opts.seed).fit(online.features([x.ref for x in train]).double(), y, w, groups)
             preds["hidden_offline"] = model.predict(online.features([x.ref for x in test]))
             info["hidden_offline_l2"] = model.l2
+        if "hidden_task" in opts.predictors:
+            pcfg = train_cfg.predictor.model_copy(update={"task_features": True})
+            task = SuccessPredictor(pcfg, hidden_size, cfg.env.max_turns, opts.seed, text)
+            for k in train_steps:
+                task.observe(train_trees[k], k)
+            preds["hidden_task"] = task.predict([x.ref for x in test])
         timings["hidden_s"] = time.time() - t
     if "value_model" in opts.predictors:
         t = time.time()
@@ -686,6 +657,9 @@ def summary(result: dict[str, Any]) -> str:
     if "brier_perfect_v" in ceiling:
         lines.append(f"Monte-Carlo ceiling at {v['subset']}: Brier {_fmt(ceiling['brier'])} with {result['mc']} continuations, "
                      f"{_fmt(ceiling['brier_perfect_v'])} for a perfect V (sampling noise removed)")
+    if result["info"].get("hidden_warm") is False:
+        lines.append("note: the online hidden-state predictor trained on fewer than predictor.warmup steps; in training "
+                     "its values would not be used yet")
     cov = result["info"].get("prompt_rate_coverage")
     if cov is not None:
         lines.append(f"prompt_rate: {cov:.0%} of held-out pairs are of prompts seen in training")
