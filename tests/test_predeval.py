@@ -95,6 +95,35 @@ class _FakeSamples(list):
         super().__init__(S(*r) for r in rows)
 
 
+def test_task_features_of_a_hand_built_tree():
+    from tracerl.allocate.predictor import MAX_HOPS, TEMPLATE_BUCKETS, task_features, task_features_dim
+    from tracerl.task import Task
+    from tracerl.tree import RolloutTree, TurnRecord
+
+    task = Task("q", "Where was the founder of Acme born?", ("Lyon",),
+                {"hops": 2, "template": "founder>born_in", "chain": ["Acme", "Ann Lee"]})
+    tree = RolloutTree(task, 0, 0, [1, 2], {})
+    turn = lambda obs, **k: TurnRecord([5, 6, 7], [0.0] * 3, [8], {"observation": obs, **k}, {})  # noqa: E731
+    leaf = tree.attach(0, [turn("Doc 1 (Acme): Acme was founded by Ann Lee.", tool_call=True),
+                           turn("Invalid turn: close the tag.", format_error="unclosed_tag"),
+                           turn("Doc 1 (Ann Lee): Ann Lee was born in Lyon.", tool_call=True)], done=False)
+    T = 4
+    rows = {n: task_features(tree, n, T) for n in (0, 1, 3)}
+    assert all(len(r) == task_features_dim(T) for r in rows.values())
+    tail = lambda r: r[-6:]  # noqa: E731  log tokens, gold seen, chain share seen, answer seen, format errors, searches
+    assert tail(rows[0]) == [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert tail(rows[1]) == pytest.approx([np.log1p(3), 0.0, 0.5, 0.0, 0.0, 1.0])
+    assert tail(rows[leaf]) == pytest.approx([np.log1p(9), 1.0, 1.0, 1.0, 1.0, 2.0])
+    depth_hot = lambda r: r[:T]  # noqa: E731
+    assert depth_hot(rows[0]) == [1, 0, 0, 0] and depth_hot(rows[leaf]) == [0, 0, 0, 1]
+    hops_hot = rows[1][T:T + MAX_HOPS + 1]
+    assert hops_hot == [0, 0, 1, 0, 0]
+    cross = rows[1][T + MAX_HOPS + 1:T + MAX_HOPS + 1 + T * MAX_HOPS]  # depth 1 × hops 2
+    assert sum(cross) == 1 and cross[1 * MAX_HOPS + 1] == 1
+    template = rows[1][-6 - TEMPLATE_BUCKETS:-6]
+    assert sum(template) == 1 and template == rows[leaf][-6 - TEMPLATE_BUCKETS:-6]
+
+
 def test_step_lists():
     assert parse_steps("2-3,5", [1, 2, 3, 4, 5], "--eval-steps") == [2, 3, 5]
     assert parse_steps("4-", [1, 2, 3, 4, 5], "x") == [4, 5]
