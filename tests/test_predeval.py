@@ -72,14 +72,14 @@ def test_logistic_fit_recovers_group_rates_and_shrinks_with_l2():
 
 def test_score_and_verdict():
     samples = _FakeSamples([(0, "a", 1, 2), (1, "a", 1, 0), (1, "b", 0, 1), (2, "b", 0, 1), (0, "c", 2, 1), (1, "c", 0, 1)])
-    preds = {"constant": [0.4] * 6, "hidden": [0.5, 0.9, 0.2, 0.1, 0.6, 0.3], CEILING: [0.5, 1.0, 0.0, 0.0, 0.7, 0.1]}
-    table = score(preds, samples, n_boot=100, seed=0)
+    preds = {"constant": [0.4] * 6, "hidden_task": [0.5, 0.9, 0.2, 0.1, 0.6, 0.3], CEILING: [0.5, 1.0, 0.0, 0.0, 0.7, 0.1]}
+    table = score(preds, samples, n_boot=100, seed=0, reference="hidden_task")
     assert set(table) == {"all", "depth>=1", "depth=0", "depth=1", "depth=2"}
     assert table["all"]["constant"]["auroc"] == 0.5 and table["all"]["constant"]["auroc_ci"] == [0.5, 0.5]
-    assert table["all"]["hidden"]["pairs"] == 10 and table["depth>=1"]["hidden"]["prefixes"] == 4
-    assert table["depth>=1"]["hidden"]["auroc"] == 1.0
-    lo, hi = table["all"]["hidden"]["auroc_ci"]
-    assert lo <= table["all"]["hidden"]["auroc"] <= hi
+    assert table["all"]["hidden_task"]["pairs"] == 10 and table["depth>=1"]["hidden_task"]["prefixes"] == 4
+    assert table["depth>=1"]["hidden_task"]["auroc"] == 1.0
+    lo, hi = table["all"]["hidden_task"]["auroc_ci"]
+    assert lo <= table["all"]["hidden_task"]["auroc"] <= hi
     v = verdict(table)
     assert v["within_margin_of_ceiling"] is True and v["above_simple_baselines"]["constant"] is True
     assert v["above_simple_baselines"]["features"] is None  # not evaluated
@@ -193,7 +193,8 @@ def test_harness_end_to_end_on_a_logged_run(logged_run, capsys):
         row = table["all"][key]
         assert 0.0 <= row["brier"] <= 1.0 and 0.0 <= row["ece"] <= 1.0, key
     assert r["info"]["hidden_warm"]
-    assert "| (e) policy hidden state + head, online (default) |" in printed and "target at depth>=1" in printed
+    assert "| (e'') (e) + task features, online (default: predictor.task_features=true) |" in printed
+    assert "target at depth>=1: default (hidden_task) AUROC" in printed
 
 
 def test_overlapping_steps_and_bad_predictor_are_one_line_errors(logged_run):

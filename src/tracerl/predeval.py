@@ -15,10 +15,12 @@ Candidates (`PREDICTORS`):
   template) and turn features (depth, generated tokens, whether the gold document, the other documents of
   the hop chain or an answer string has appeared in an observation, format errors and searches so far);
 - `minilm`: logistic regression on the frozen all-MiniLM-L6-v2 embedding of the history text;
-- `hidden`: today's default, the project's `SuccessPredictor` (policy hidden state + scalars, the
-  configured head), trained online step by step on the training run as the trainer trains it;
+- `hidden`: the project's `SuccessPredictor` on the policy hidden state + scalars only
+  (`predictor.task_features=false`, the default before BENCHMARKS §15) with the training run's other
+  `predictor.*` keys, trained online step by step on the training run as the trainer trains it;
 - `hidden_offline`: the same features with a logistic head fitted on all training prefixes at once;
-- `hidden_task`: `hidden` with `predictor.task_features=true` (the `features` inputs added), online;
+- `hidden_task`: `hidden` with `predictor.task_features=true` (the `features` inputs added), online: the
+  shipped default, the row the verdict judges;
 - `value_model`: a separate copy of the run's initial policy with a scalar head, fully fine-tuned on the
   history tokens with squared error to the prefixes' success rates (PCL's value model);
 - `mc_ceiling`: not a predictor but the bound on any: the success rate of `mc` fresh continuations from
@@ -54,13 +56,14 @@ from tracerl.tree import RolloutTree, read_jsonl
 
 PREDICTORS = ("constant", "prompt_rate", "features", "minilm", "hidden", "hidden_offline", "hidden_task", "value_model")
 SIMPLE = ("constant", "prompt_rate", "features", "minilm")  # the baselines the default must beat
-DEFAULT = "hidden"
+DEFAULT = "hidden_task"  # the shipped predictor (predictor.task_features=true): the row the verdict judges
+PAIRED_REFERENCE = "hidden"  # paired AUROC differences are taken against the hidden state alone
 CEILING = "mc_ceiling"
 LABELS = {"constant": "(a) constant (train base rate)", "prompt_rate": "(b) per-prompt success in training trees",
           "features": "(c) logistic: question + turn features", "minilm": "(d) MiniLM embedding + logistic",
-          "hidden": "(e) policy hidden state + head, online (default)",
+          "hidden": "(e) policy hidden state + head, online (the default before BENCHMARKS §15)",
           "hidden_offline": "(e') policy hidden state, logistic on all training prefixes",
-          "hidden_task": "(e'') (e) + task features (predictor.task_features=true), online",
+          "hidden_task": "(e'') (e) + task features, online (default: predictor.task_features=true)",
           "value_model": "(f) value model fine-tuned on history (PCL)", CEILING: "Monte-Carlo ceiling"}
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -379,7 +382,7 @@ def subsets(depths: Sequence[int]) -> dict[str, np.ndarray]:
 
 
 def score(preds: dict[str, list[float]], samples: Sequence[Sample], n_boot: int, seed: int,
-          reference: str = DEFAULT) -> dict[str, dict[str, dict[str, Any]]]:
+          reference: str = PAIRED_REFERENCE) -> dict[str, dict[str, dict[str, Any]]]:
     """{subset: {predictor: {auroc, auroc_ci, brier, ece, pairs, prefixes, auroc_minus_ref_ci}}}, AUROC
     intervals from one prompt-clustered bootstrap shared by all predictors (so differences are paired)."""
     s = np.array([x.successes for x in samples], dtype=np.float64)
@@ -558,19 +561,20 @@ def evaluate_predictors(eval_run: str | Path, train_run: str | Path | None = Non
     if wants_hidden:
         t = time.time()
         text = TextEncoder(cfg.run.device) if train_cfg.predictor.text_embedding else None
-        online = SuccessPredictor(train_cfg.predictor, hidden_size, cfg.env.max_turns, opts.seed, text)
+        pcfg = train_cfg.predictor.model_copy(update={"task_features": False})
+        online = SuccessPredictor(pcfg, hidden_size, cfg.env.max_turns, opts.seed, text)
         for k in train_steps:
             online.observe(train_trees[k], k)
+        info["hidden_warm"] = online.warm
         if "hidden" in opts.predictors:
             preds["hidden"] = online.predict([x.ref for x in test])
-            info["hidden_warm"] = online.warm
         if "hidden_offline" in opts.predictors:
             model = Logistic(seed=opts.seed).fit(online.features([x.ref for x in train]).double(), y, w, groups)
             preds["hidden_offline"] = model.predict(online.features([x.ref for x in test]))
             info["hidden_offline_l2"] = model.l2
         if "hidden_task" in opts.predictors:
-            pcfg = train_cfg.predictor.model_copy(update={"task_features": True})
-            task = SuccessPredictor(pcfg, hidden_size, cfg.env.max_turns, opts.seed, text)
+            task = SuccessPredictor(pcfg.model_copy(update={"task_features": True}), hidden_size, cfg.env.max_turns,
+                                    opts.seed, text)
             for k in train_steps:
                 task.observe(train_trees[k], k)
             preds["hidden_task"] = task.predict([x.ref for x in test])
@@ -647,9 +651,9 @@ def summary(result: dict[str, Any]) -> str:
     """The verdict in words."""
     v = result.get("verdict")
     if not v:
-        return "no verdict: the default predictor (hidden) was not evaluated"
+        return f"no verdict: the default predictor ({DEFAULT}) was not evaluated"
     beats = v["above_simple_baselines"]
-    lines = [f"target at {v['subset']}: default AUROC {_fmt(v['auroc'])}, Monte-Carlo ceiling {_fmt(v['ceiling'])} "
+    lines = [f"target at {v['subset']}: default ({v['reference']}) AUROC {_fmt(v['auroc'])}, Monte-Carlo ceiling {_fmt(v['ceiling'])} "
              f"-> within 0.05 of the ceiling: {v['within_margin_of_ceiling']}",
              "above each simple baseline's 95% interval: " + ", ".join(f"{k} {b}" for k, b in beats.items()),
              f"best predictor at {v['subset']} by AUROC: {v['best']}"]
@@ -658,7 +662,7 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"Monte-Carlo ceiling at {v['subset']}: Brier {_fmt(ceiling['brier'])} with {result['mc']} continuations, "
                      f"{_fmt(ceiling['brier_perfect_v'])} for a perfect V (sampling noise removed)")
     if result["info"].get("hidden_warm") is False:
-        lines.append("note: the online hidden-state predictor trained on fewer than predictor.warmup steps; in training "
+        lines.append("note: the online predictors trained on fewer than predictor.warmup steps; in training "
                      "its values would not be used yet")
     cov = result["info"].get("prompt_rate_coverage")
     if cov is not None:
