@@ -34,7 +34,6 @@ earlier checkpoint is used and the result says so (`generators_exact`).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
