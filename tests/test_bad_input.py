@@ -300,6 +300,10 @@ def hand_cases() -> list[Case]:
         c(k, "--seeds", "sim", "--seeds", "0"),
         c(k, "trainer.lr", "sim", "trainer.lr=1"),
         c(k, "rollout.group_size", "sim", "rollout.group_size=0"),
+        c(k, "{tmp}/models", "predictor-eval", "{tmp}/models"),
+        c(k, "no logged trees", "predictor-eval", "{tmp}/run_nockpt"),
+        c(k, "--mc", "predictor-eval", "{tmp}/run_nockpt", "--mc", "-1"),
+        c(k, "predictor 'oracle'", "predictor-eval", "{tmp}/run_nockpt", "--predictors", "oracle"),
     ]
     k = "custom tasks and trackers"  # references to the user's code, datasets, loggers (docs/custom_tasks.md)
     qa = ("env.name=qa", "env.max_turns=1", "env.options={}")

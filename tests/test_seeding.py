@@ -19,6 +19,7 @@ BEFORE = {
     "credit": lambda seed, step: (seed * 1_000_003 + step * 7919 + 4242) % (2**63),
     "allocator": lambda seed, step: seed * 1_000_003 + step * 7919 + 17,
     "drawer": lambda seed, step: seed * 1_000_003 + step * 7919 + 31,
+    "predictor_eval": lambda seed, step: seed * 1_000_003 + step * 7919 + 211,  # new with tracerl predictor-eval
     "prompts": lambda seed, step: seed * 1_000_003 + step,
     "credit_samples": lambda seed, step: seed * 7919 + step,
     "calibrate_prompts": lambda seed, step: seed * 7 + step,

