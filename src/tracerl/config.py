@@ -369,6 +369,7 @@ class EngineConfig(Section):
     in_process: bool = Field(False, description="vllm: run the engine core in this process (fast start, for tests and small models) instead of its own process.")
     kv_cache_mb: int | None = Field(None, ge=1, description="vllm: KV-cache memory in MiB (None: engine.gpu_memory_utilization on GPU, 256 MiB on CPU).")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vllm on GPU: share of GPU memory the engine may take (the trainer shares the GPU when colocated).")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="vllm: the engine's weight and compute dtype (auto: model.dtype). bfloat16 beside an fp32 trainer is the sampler/trainer mismatch that algo.sampler_correction=tis corrects.")
     enforce_eager: bool = Field(True, description="vllm: no CUDA graphs / compilation (start-up in seconds; set false on GPU for throughput).")
     sleep_during_update: bool = Field(False, description="vllm on GPU: release the engine's weights and KV cache during each update (colocated training), wake it before the next rollout.")
     sync_dir: str = Field("/dev/shm", description="vllm: where the weights of each update are written (safetensors) for the engine to reload; a RAM disk on Linux.")

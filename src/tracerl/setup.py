@@ -139,8 +139,8 @@ def build_backend(cfg: Config, model, tokenizer, model_dir: Path, device: str) -
         from tracerl.backends.vllm_engine import VLLMPolicy, check_vllm_model
 
         check_vllm_model(model.config, device)
-        return VLLMPolicy(model_dir, tokenizer, cfg.model.max_context, e, device, cfg.run.seed, cfg.model.dtype,
-                          cfg.rollout.batch_size)
+        return VLLMPolicy(model_dir, tokenizer, cfg.model.max_context, e, device, cfg.run.seed,
+                          cfg.model.dtype if e.dtype == "auto" else e.dtype, cfg.rollout.batch_size)
     from tracerl.backends.server import ServerPolicy
 
     return ServerPolicy(e.url, tokenizer, cfg.model.max_context, e)
