@@ -23,14 +23,29 @@ import os
 import sys
 from pathlib import Path
 
+from tracerl import __version__
 from tracerl.errors import TracerlError
 from tracerl.task import SPLITS  # every environment's splits
 
 
 def _config_path(arg: str | None) -> str | None:
     """The user's YAML, or None: the typed defaults *are* the embedded quickstart (configs/quickstart.yaml
-    spells them out; a test keeps the two equal)."""
-    return arg or None
+    spells them out; a test keeps the two equal). A path that does not exist but names a config shipped
+    in the package (`smollm2`, `smollm2.yaml`, `configs/smollm2.yaml`) is that shipped file, so the
+    README's commands also work from an installed wheel, outside the repository."""
+    if not arg or Path(arg).exists():
+        return arg or None
+    shipped = shipped_config(arg)
+    return str(shipped) if shipped is not None else arg
+
+
+def shipped_config(name: str) -> Path | None:
+    """The config of the package's `configs/` directory that `name` names, if any."""
+    rel = name.removeprefix("./").removeprefix("configs/")
+    rel = rel if rel.endswith(".yaml") else f"{rel}.yaml"
+    root = Path(__file__).resolve().parent / "configs"
+    path = (root / rel).resolve()
+    return path if path.is_file() and root.resolve() in path.parents else None
 
 
 def _quiet_transformers() -> None:
@@ -404,6 +419,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="tracerl", description="RL of LLM agents with verifiable rewards.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("--version", action="version", version=f"tracerl {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = p.add_command(sub, "train", help="train a policy (default: the embedded quickstart)")

@@ -68,7 +68,7 @@ def check_targets(lora: LoraConfig, base_dir: str | os.PathLike) -> None:
     _inject(model, lora, None)
 
 
-def _inject(model, lora: LoraConfig, base_dir):
+def _inject(model, lora: LoraConfig, base_dir: str | os.PathLike | None):
     from peft import get_peft_model
 
     try:
@@ -87,7 +87,10 @@ def add_adapters(model, lora: LoraConfig, base_dir: str | os.PathLike, seed: int
     update); the global torch RNG is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _inject(model, lora, base_dir)
+        wrapper = _inject(model, lora, None)
+    # what adapter_config.json names as the base (peft would take the model's own name_or_path)
+    wrapper.peft_config["default"].base_model_name_or_path = str(base_dir)
+    return wrapper
 
 
 def adapted_model(wrapper):
