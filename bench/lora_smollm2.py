@@ -1,7 +1,8 @@
 """LoRA vs full fine-tuning on the SmolLM2-135M-Instruct preset (BENCHMARKS §16): trainable parameters,
 peak RSS and step time of a few real training steps each.
 
-Each setting runs in its own process (peak RSS is the process's `ru_maxrss`), with the same prompts,
+Each setting runs in its own process (peak RSS is the process's `ru_maxrss`; CPU time, all threads, is
+reported beside wall time because a shared machine inflates the latter), with the same prompts,
 sampling seed and sizes; `algo.kl_coef` > 0, so full fine-tuning holds a second, frozen copy as the KL
 reference while LoRA's reference is the base with the adapters off. The steps have an entropy bonus, so
 every step updates the weights even when all sampled rewards are equal.
@@ -59,13 +60,13 @@ def child(setting: str, steps: int, threads: int) -> dict:
         trainable, total = trainable_parameters(tr.model)
         rows = []
         for step in range(steps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             m = tr.train_step(step)
-            rows.append({"step_s": time.perf_counter() - t0, "rollout_s": m["rollout_s"], "update_s": m["update_s"],
+            rows.append({"step_s": time.perf_counter() - t0, "step_cpu_s": time.process_time() - c0, "rollout_s": m["rollout_s"], "update_s": m["update_s"],
                          "grad_norm": m["grad_norm"], "train_tokens": m["train_tokens"]})
         assert all(r["grad_norm"] > 0 for r in rows), rows
         tr.release()
-    med = {k: statistics.median(r[k] for r in rows) for k in ("step_s", "rollout_s", "update_s")}
+    med = {k: statistics.median(r[k] for r in rows) for k in ("step_s", "step_cpu_s", "rollout_s", "update_s")}
     return {"setting": setting, "trainable_params": trainable, "total_params": total,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "setup_s": setup_s,
             **{f"median_{k}": v for k, v in med.items()}, "steps": rows, "torch_threads": torch.get_num_threads()}
@@ -92,7 +93,7 @@ def main() -> None:
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = results[-1]
         print(f"{setting:22s} trainable {r['trainable_params']:>11,} of {r['total_params']:,}  peak RSS "
-              f"{r['peak_rss_gib']:.2f} GiB  step {r['median_step_s']:.1f} s (rollout {r['median_rollout_s']:.1f}, "
+              f"{r['peak_rss_gib']:.2f} GiB  step {r['median_step_s']:.1f} s, CPU {r['median_step_cpu_s']:.1f} s (rollout {r['median_rollout_s']:.1f}, "
               f"update {r['median_update_s']:.2f})", flush=True)
     save_result({"command": " ".join(sys.argv), "steps": args.steps, "results": results}, args.out, args.json)
 
