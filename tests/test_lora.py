@@ -153,6 +153,7 @@ def test_export_of_a_full_model_copies_it(tmp_path, tiny_policy, capsys):
     (["lora.alpha=0"], "config key 'lora.alpha': must be > 0"),
     (["lora.target_modules=[]"], "must name at least one module"),
     (["lora.target_modules=qv"], "must be a list of module names or all-linear, got 'qv'"),
+    (["engine.name=server", "engine.url=http://127.0.0.1:9"], "lora.enabled=true samples with engine.name=hf only"),
 ])
 def test_bad_lora_values_are_one_line(tmp_path, capsys, args, message):
     assert main(["train", *LORA, *args, f"run.dir={tmp_path / 'r'}"]) == 2
