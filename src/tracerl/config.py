@@ -165,6 +165,40 @@ class ModelConfig(Section):
         return self
 
 
+# ---- LoRA (issue 20 item 5) ------------------------------------------------------------------------
+LORA_ALL_LINEAR = "all-linear"  # peft's shorthand: every linear layer but the output head
+
+
+class LoraConfig(Section):
+    """Low-rank adapters on a frozen policy (peft; `pip install 'tracerl[lora]'`); off by default."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters instead of every weight (the base stays frozen; the KL reference is the base with the adapters off).")
+    rank: int = Field(8, ge=1, le=1024, description="Rank r of each adapter pair A (r × in), B (out × r).")
+    alpha: float = Field(16.0, gt=0, description="Scaling numerator: an adapter adds (alpha / rank) · B A x.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on an adapter's input while training (0: none; keeps the update's forwards deterministic).")
+    target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], description="Module names (or name suffixes) that get adapters, e.g. [q_proj, v_proj], or all-linear; a name the model lacks stops the run at set-up.")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _list_or_all(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != LORA_ALL_LINEAR:
+            raise ValueError(f"config key 'lora.target_modules': must be a list of module names or {LORA_ALL_LINEAR}, "
+                             f"got {v!r}"[:160])
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("config key 'lora.target_modules': must name at least one module (or be all-linear)")
+            bad = [n for n in v if not n.strip() or any(c.isspace() for c in n)]
+            if bad:
+                raise ValueError(f"config key 'lora.target_modules': {bad[0]!r} is not a module name")
+        return v
+# ---- end LoRA ---------------------------------------------------------------------------------------
+
+
 class SFTConfig(Section):
     enabled: bool = Field(True, description="Warm-start the tiny preset by SFT on noisy oracle demonstrations (cached).")
     pretrained: bool = Field(False, description="Also warm-start a pretrained policy (smollm2-135m, path) by SFT on the environment's demonstrations, keeping its tokenizer (use a small sft.lr, e.g. 1e-5).")
@@ -395,6 +429,7 @@ class Config(Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Optimisation, evaluation, checkpoints.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Answer matching (EM / F1 mode).")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="Generation backend (hf, vllm, server).")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters instead of full fine-tuning (off by default).")
 
     @model_validator(mode="after")
     def _cross_field(self) -> "Config":

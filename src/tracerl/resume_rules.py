@@ -8,7 +8,7 @@ config it would run with against the config the checkpoint was written under, ke
   they change freely, and so does `trainer.steps` (where the run stops) unless a schedule is a fraction
   of it (the distillation weight's default warm-up and anneal);
 - keys under `FIXED` define the checkpoint's weights, tokenizer and task (the model, the environment, the
-  SFT warm start that is also the KL reference): they never change on resume — start a new run;
+  SFT warm start that is also the KL reference, LoRA adapters or full weights): they never change on resume — start a new run;
 - every other key changes what the run computes (the seed, the learning rate, the allocator, …): a
   change is refused with one line naming the keys unless `--allow-change` is passed, and then recorded.
 
@@ -34,7 +34,7 @@ NO_EFFECT = frozenset({
     "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.tensorboard", "trainer.progress",
     "trainer.tree_log_every", "credit.log_samples", "trainer.loggers", "trainer.project",
 })
-FIXED = ("model.", "env.", "sft.", "data.")
+FIXED = ("model.", "env.", "sft.", "data.", "lora.")  # lora: adapters or full weights, their shape
 
 
 def flat(tree: dict, prefix: str = "") -> dict[str, Any]:

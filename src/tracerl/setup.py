@@ -44,6 +44,17 @@ def preflight(cfg: Config, model_dir: Path | None = None) -> None:
     check_available(cfg.trainer.loggers)  # wandb / mlflow installed when named
     check_methods(cfg)
     check_device(cfg.run.device)
+    if cfg.lora.enabled:
+        from tracerl.distributed import launched_size
+        from tracerl.models.lora import require_peft
+
+        require_peft()
+        if launched_size() > 1:
+            raise ConfigError("lora.enabled=true is not supported under torchrun (FSDP2 shards the full weights "
+                              "only); train LoRA in one process, or drop lora.enabled for a distributed run")
+        if cfg.engine.name != "hf":
+            raise ConfigError(f"lora.enabled=true samples with engine.name=hf only (engine.name={cfg.engine.name} "
+                              "would be sent the adapted weights under names it does not know); use engine.name=hf")
     if model_dir is not None:
         check_model_dir(model_dir)
     elif cfg.model.preset == "path":

@@ -125,6 +125,10 @@ class Trainer:
         # transformers, which writes files from rank 0 only once a group exists; until then ranks take
         # turns on the cache's file lock (the first trains, the others reuse).
         self.model_path = resolve_model_path(cfg, self.log)
+        if cfg.lora.enabled:  # every target module exists: checked on an empty copy, before anything is written
+            from tracerl.models.lora import check_targets
+
+            check_targets(cfg.lora, self.model_path)
         if self.world is None:
             self.world = connect(cfg.run.device, cfg.run.dist_timeout_s)
         self._setup_data()  # reads the data files: a bad one stops the run before its directory is written
@@ -139,8 +143,9 @@ class Trainer:
             self.checkpoint = Path(self.checkpoint)
         self._setup_model()
         self.credit = TokenCredit(cfg.credit, self.model, self.tokenizer, cfg.run.seed)  # identity unless credit.name is set
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.trainer.lr, betas=cfg.trainer.betas,
-                                           weight_decay=cfg.trainer.weight_decay)
+        # the trainable weights only (every weight, unless LoRA froze the base): the same order either way
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.trainer.lr,
+                                           betas=cfg.trainer.betas, weight_decay=cfg.trainer.weight_decay)
         self._setup_predictor()
         self.distiller = Distiller(cfg, self.env, self.policy, self.spec.temperature,
                                    getattr(self.model.config, "max_position_embeddings", None)) \
@@ -229,11 +234,22 @@ class Trainer:
         self.model, self.tokenizer = load_policy(self.model_path, dtype=dtype)
         if self.checkpoint is not None:  # a resume samples with the tokenizer its checkpoint trained with
             self.tokenizer = self._checkpoint_tokenizer()
+        # LoRA: adapters injected into the policy, the base frozen; `self.lora` is peft's wrapper (adapters
+        # off for the KL reference, saving, merging). One process only (setup.preflight).
+        self.lora = None
+        if cfg.lora.enabled:
+            from tracerl.models.lora import add_adapters, adapted_model, trainable_parameters
+
+            self.lora = add_adapters(self.model, cfg.lora, self.model_path, cfg.run.seed)
+            self.model = adapted_model(self.lora)
+            n, total = trainable_parameters(self.model)
+            self.log(f"LoRA r={cfg.lora.rank}: {n:,} trainable of {total:,} parameters ({100 * n / total:.2f}%)")
         self.model.to(device)
         # The frozen reference is replicated (unsharded) on every rank: it only runs forwards, so its
-        # passes need no collective and ranks may run different numbers of them.
+        # passes need no collective and ranks may run different numbers of them. With LoRA it is the
+        # policy itself with its adapters switched off: the base, which is the initial policy.
         self.ref_model = None
-        if cfg.algo.kl_coef > 0:
+        if cfg.algo.kl_coef > 0 and self.lora is None:
             self.ref_model, _ = load_policy(self.model_path, dtype=dtype)
             self.ref_model.to(device).eval().requires_grad_(False)
         # Under torchrun the trained policy is sharded (a forward is a collective), so each rank samples
@@ -292,10 +308,19 @@ class Trainer:
         state, weights, optim = None, None, None
         if self.world.is_main:
             state = read_state(ckpt)
-            model, _ = load_policy(ckpt / rundir.CHECKPOINT_MODEL_DIR, dtype=next(self.model.parameters()).dtype)
-            weights, optim = model.state_dict(), read_optimizer(ckpt)
+            if self.lora is None:
+                model, _ = load_policy(ckpt / rundir.CHECKPOINT_MODEL_DIR, dtype=next(self.model.parameters()).dtype)
+                weights = model.state_dict()
+            optim = read_optimizer(ckpt)
         state = self.world.broadcast(state)
-        self.world.load_state(self.model, self.optimizer, weights, optim)
+        if self.lora is not None:  # the adapters (one process only); the frozen base is the run's initial policy
+            from tracerl.models.lora import load_adapter
+
+            self._check_lora_base(state)
+            load_adapter(self.lora, ckpt / rundir.CHECKPOINT_MODEL_DIR)
+            self.optimizer.load_state_dict(optim)
+        else:
+            self.world.load_state(self.model, self.optimizer, weights, optim)
         self._sync_generation(state["step"])
         set_rng_state(state["rng"])
         self.start_step, self.totals = state["step"], state["totals"]
@@ -308,6 +333,12 @@ class Trainer:
                                       f"{self.cfg.rollout.allocator} uses one")
             self.predictor.load_state(*saved)
         self.log(f"resumed from {ckpt} (step {self.start_step})")
+
+    def _check_lora_base(self, state: dict) -> None:
+        """A LoRA checkpoint holds only the adapters: they resume onto the base they were trained on."""
+        if Path(state.get("model_path", "")) != Path(self.model_path):
+            raise CheckpointError(f"checkpoint {self.checkpoint} holds LoRA adapters trained on {state.get('model_path')}, "
+                                  f"but this run's base model is {self.model_path}")
 
     # ---------------------------------------------------------------- rollout
     def sample_tasks(self, step: int):
@@ -391,7 +422,7 @@ class Trainer:
             dist.teacher_model = self.gen_model  # the teacher pass needs no collective: the unsharded copy
         # one epoch, one mini-batch: π_old is the policy of the update's own forward (no extra pass)
         old = None if t.ppo_epochs == 1 and t.mini_batches == 1 else self._score(self.model, batch, hook)
-        ref = self._score(self.ref_model, batch) if self.ref_model is not None else None
+        ref = self._reference(batch)
         stats: dict[str, list[float]] = {}
         self.policy.sleep()  # GPU colocation: the engine frees its memory for the update
         self.model.train()
@@ -408,6 +439,16 @@ class Trainer:
         out["train_tokens"] = sum(stats.get("train_tokens", [])) / t.ppo_epochs  # tokens per pass over the batch
         out["train_tokens_per_leaf"] = float(batch.leaf_tokens_run) if batch is not None else 0.0  # one row per leaf
         return {**out, **(dist.summary() if dist is not None else {})}
+
+    def _reference(self, batch: TokenBatch | None) -> dict[int, torch.Tensor] | None:
+        """Log-probs under the frozen reference (algo.kl_coef > 0): its own copy, or with LoRA the policy with
+        its adapters off (the base weights never change, so that is the initial policy, as without LoRA)."""
+        if self.cfg.algo.kl_coef == 0:
+            return None
+        if self.lora is not None:
+            with self.lora.disable_adapter():
+                return self._score(self.model, batch)
+        return self._score(self.ref_model, batch)
 
     def _mini_batches(self, batch: TokenBatch | None) -> list[list[int]]:
         """The packs of each optimizer step of one epoch; under torchrun every rank takes the same number
@@ -622,6 +663,10 @@ class Trainer:
                 save_tensors(directory, "predictor", *predictor.state())
 
         model = self.gen_model if self.gen_model is not None else self.model
+        if self.lora is not None:  # the adapters only, in peft's layout (adapter_config.json names the base)
+            from tracerl.models.lora import AdapterSaver
+
+            model = AdapterSaver(self.lora)
         save_checkpoint(self.run_dir / rundir.CHECKPOINT_DIR, step, model, self.tokenizer, optim,
                         {"totals": self.totals, "seed": self.cfg.run.seed, "model_path": str(self.model_path),
                          "prompt_stats": self.prompt_stats, "world_size": self.world.size,

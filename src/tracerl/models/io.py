@@ -59,6 +59,8 @@ def check_model_dir(path: str | os.PathLike) -> Path:
         raise ModelLoadError(f"model path {p} does not exist")
     if not p.is_dir():
         raise NotAModelDirError(f"model path {p} is a file; expected a directory written by save_pretrained")
+    if (p / "adapter_config.json").is_file():  # a LoRA run's checkpoint: an adapter on a base directory
+        return _check_adapter_dir(p)
     if not (p / "config.json").is_file():
         raise ModelLoadError(f"model path {p} has no config.json; expected a directory written by save_pretrained")
     if not any((p / name).is_file() for name in WEIGHT_FILES):
@@ -72,6 +74,22 @@ def check_model_dir(path: str | os.PathLike) -> Path:
             read_json_object(p / name)
     for shard in _weight_shards(p):
         check_safetensors(shard)
+    return p
+
+
+def _check_adapter_dir(p: Path) -> Path:
+    """An adapter directory (tracerl.models.lora): its config, weights and tokenizer parse, its base checks."""
+    from tracerl.models.lora import ADAPTER_WEIGHTS, adapter_base
+
+    if not (p / ADAPTER_WEIGHTS).is_file():
+        raise ModelLoadError(f"model path {p} has an adapter_config.json but no {ADAPTER_WEIGHTS}")
+    check_safetensors(p / ADAPTER_WEIGHTS)
+    if not any((p / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"model path {p} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+    for name in TOKENIZER_FILES:
+        if (p / name).is_file():
+            read_json_object(p / name)
+    adapter_base(p)
     return p
 
 
@@ -121,10 +139,15 @@ def check_safetensors(path: Path) -> None:
 
 def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """Load `(model, tokenizer)` from a local directory; never touches the network. A directory that
-    passes `check_model_dir` but still fails to load is reported in one line naming it."""
+    passes `check_model_dir` but still fails to load is reported in one line naming it. An adapter
+    directory (a LoRA run's checkpoint) loads as its base model with the adapter merged in."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = check_model_dir(path)
+    if (p / "adapter_config.json").is_file():  # a LoRA checkpoint: its base with the adapter merged in
+        from tracerl.models.lora import load_adapted
+
+        return load_adapted(p, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
