@@ -274,6 +274,7 @@ def test_self_annotator_with_a_real_model_never_crashes(tiny_policy, small_env):
     assert all(not a.valid and not a.key and not a.error for a in ann)  # a random model writes no valid JSON
 
 
+@pytest.mark.slow  # the first user of the SmolLM2 tokenizer converts the GGUF (~30 s)
 def test_char_ranges_with_the_smollm2_tokenizer():
     """SmolLM2's byte-level BPE: emoji split over several tokens (converted once, cached, never skipped)."""
     from transformers import AutoTokenizer

@@ -161,6 +161,7 @@ def logged_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_harness_end_to_end_on_a_logged_run(logged_run, capsys):
     from tracerl.cli import main
     from tracerl.tree import read_jsonl
