@@ -11,8 +11,12 @@ tests), `backends/vllm.py` (a vLLM engine in this process or its engine-core pro
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Protocol, runtime_checkable
 
 import torch
 
@@ -95,3 +99,30 @@ def shared_free_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
         seen.add(key)
         out[name] = t.detach().to("cpu").contiguous()
     return out
+
+
+SEED_RANGE = 2**31 - 1
+
+
+def request_seed_base(generator: torch.Generator | None, params: SamplingParams, n: int) -> int | None:
+    """An engine's seeds for one call: one draw from the caller's generator, request i gets base + i
+    (equal generator state, equal tokens); None when nothing is sampled (greedy) or no generator is given."""
+    if generator is None or params.temperature <= 0:
+        return None
+    return int(torch.randint(0, SEED_RANGE - n, (1,), generator=generator))
+
+
+@contextlib.contextmanager
+def weights_file(source: Mapping[str, torch.Tensor], sync_dir: str) -> Iterator[str]:
+    """The state dict written once as a safetensors file in `sync_dir` (a RAM disk) for an engine to
+    reload; removed when the block ends."""
+    from safetensors.torch import save_file
+
+    Path(sync_dir).mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="tracerl-weights-", suffix=".safetensors", dir=sync_dir)
+    os.close(fd)
+    try:
+        save_file(shared_free_state(source), tmp)
+        yield tmp
+    finally:
+        os.unlink(tmp)

