@@ -153,6 +153,92 @@ def test_a_root_restart_costs_a_whole_chain_in_stage2():
         assert c.trajectories == M + m["stage2_restarts"] + m["stage2_leftover"]
 
 
+# ---------------------------------------------------------------------------------- fewer generation calls
+
+
+def test_grow_charges_continuations_per_job():
+    sim = SimConfig(turns=3)
+    eng = SimEngine(World(sim, random.Random(0)))
+    trees = eng.plant(PromptStream(sim, 8, 0, 0).batch(2), 1)
+    eng.grow([(t, 0) for t in trees])
+    before = eng.cost.gen_tokens
+    mid = [(t, t.path(max(t.nodes))[1].id) for t in trees]  # each chain's first turn node
+    leaves = eng.grow([mid[0], (trees[1], 0), mid[1]], [True, False, True])
+    tokens = [sum(len(n.gen_ids) for n in t.path(leaf)[t.nodes[node].depth + 1:])
+              for (t, node), leaf in zip([mid[0], (trees[1], 0), mid[1]], leaves)]
+    assert eng.cost.continuations == 2 and eng.cost.trajectories == 5
+    assert eng.cost.continuation_gen_tokens == tokens[0] + tokens[2]
+    assert eng.cost.gen_tokens == before + sum(tokens)
+    with pytest.raises(ValueError, match="2 continuation flags for 3 jobs"):
+        eng.grow([mid[0], (trees[1], 0), mid[1]], [True, False])
+
+
+class _Calls(SimEngine):
+    """The simulator's engine, recording each generation call as (phase, [job from the root?])."""
+
+    phase = "stage1"
+
+    def __init__(self, world):
+        super().__init__(world)
+        self.calls = []
+
+    def grow(self, jobs, continuation=False):
+        self.calls.append((_Calls.phase, [node == 0 for _, node in jobs]))
+        return super().grow(jobs, continuation)
+
+
+def _trace_calls(monkeypatch, sim, overrides, seed):
+    """A TRACE step in the simulator; returns its batch and its generation calls by phase (stage1 /
+    stage2 / after: the leftover chains and the budget's top-up)."""
+    import tracerl.allocate.budgeted as budgeted
+    import tracerl.sim.run as simrun
+
+    made, stage2 = [], budgeted._stage2
+
+    def staged(*a, **k):
+        _Calls.phase = "stage2"
+        try:
+            return stage2(*a, **k)
+        finally:
+            _Calls.phase = "after"
+
+    _Calls.phase = "stage1"
+    monkeypatch.setattr(simrun, "SimEngine", lambda world: made.append(_Calls(world)) or made[-1])
+    monkeypatch.setattr(budgeted, "_stage2", staged)
+    b = run_batch(sim, build_config(sim, overrides, "trace"), seed, 0)
+    assert b.metrics["gen_waves"] == len(made[0].calls)
+    return b, {ph: [c for p, c in made[0].calls if p == ph] for ph in ("stage1", "stage2", "after")}
+
+
+def test_trace_sends_each_stage2_slice_in_one_generation_call(monkeypatch):
+    # two-turn chains: a slice places continuations from the first turn and root restarts; they go
+    # out together, one call per slice (before: continuations, then restarts, two calls)
+    mixed = 0
+    for seed in range(4):
+        b, calls = _trace_calls(monkeypatch, SimConfig(turns=2), ["rollout.token_budget=null",
+                                "rollout.prompts_per_step=16", "alloc.rounds=2", "alloc.stage2_root=true"], seed)
+        assert len(calls["stage2"]) <= 2
+        mixed += sum(any(c) and not all(c) for c in calls["stage2"])
+        assert len(calls["after"]) == int(b.metrics["stage2_leftover"] > 0)  # no budget: one call for the leftover
+    assert mixed >= 2  # restarts and continuations did share calls
+
+
+def test_trace_leftover_chains_share_the_top_up_waves(monkeypatch):
+    # with a budget, Stage 2's leftover bare chains open the top-up's waves: every call after Stage 2 is
+    # a top-up wave (`budget_waves`); before, the leftover had a wave of its own
+    sim = SimConfig(turns=1)
+    G = round(8 * sim.expected_chain_tokens())
+    both = 0
+    for seed in range(4):
+        b, calls = _trace_calls(monkeypatch, sim, [f"rollout.token_budget={2 * G}", "rollout.prompts_per_step=16",
+                                                   "alloc.stage2_root=true"], seed)
+        m = b.metrics
+        _check_parity("trace", b, b.engine.cost.gen_tokens)
+        assert len(calls["after"]) == m["budget_waves"]
+        both += bool(m["stage2_leftover"] and m["budget_chains"])
+    assert both  # some step had both leftover and top-up chains
+
+
 # ---------------------------------------------------------------------------------- real engine
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from tracerl.allocate.engine import RolloutCost, trees_like  # the cost meter lives with the engine interface
+from tracerl.allocate.engine import RolloutCost, continuation_flags, trees_like  # the cost meter lives with the engine interface
 from tracerl.backends.base import GenerationBackend, HiddenStates, SamplingParams
 from tracerl.errors import EnvironmentStepError, TracerlError
 from tracerl.envs.base import Environment, StepResult, Task
@@ -282,11 +282,13 @@ class RolloutEngine:
         self.cost.prefill_tokens += stats.computed
         self.cost.prefill_saved += stats.saved
 
-    def grow(self, jobs: list[tuple[RolloutTree, int]], continuation: bool = False) -> list[int]:
-        """Run one trajectory per (tree, node) job to its end and hang it below the node.
+    def grow(self, jobs: list[tuple[RolloutTree, int]], continuation: bool | Sequence[bool] = False) -> list[int]:
+        """Run one trajectory per (tree, node) job to its end and hang it below the node, all jobs in one
+        batched generation.
 
-        Returns each job's new leaf id. `continuation` marks expansions (counted for the measured
-        continuation cost fraction f)."""
+        Returns each job's new leaf id. `continuation` (one flag, or one per job) marks expansions
+        (counted for the measured continuation cost fraction f)."""
+        flags = continuation_flags(continuation, len(jobs))
         # a deterministic order that puts branches of one node next to each other (one shared prefill)
         order = sorted(range(len(jobs)), key=lambda i: (jobs[i][0].group, jobs[i][0].index, jobs[i][1]))
         trajs = [restore(*jobs[i]) for i in order]
@@ -297,14 +299,15 @@ class RolloutEngine:
         leaves = [0] * len(jobs)
         for i, t, n_turns in zip(order, trajs, starts):
             tree, node = jobs[i]
-            leaves[i] = tree.attach(node, turn_records(t, n_turns), t.done, t.reward, t.info)
+            records = turn_records(t, n_turns)
+            leaves[i] = tree.attach(node, records, t.done, t.reward, t.info)
+            if flags[i]:
+                cost.continuations += 1
+                cost.continuation_gen_tokens += sum(len(r.gen_ids) for r in records)
             if t.hidden:  # the state after k turns belongs to the path's node at depth k
                 for n in tree.path(leaves[i])[n_turns:]:
                     if n.depth in t.hidden:
                         tree.hidden.setdefault(n.id, t.hidden[n.depth])
-        if continuation:
-            cost.continuations = len(jobs)
-            cost.continuation_gen_tokens = cost.gen_tokens
         self.cost.add(cost)
         return leaves
 

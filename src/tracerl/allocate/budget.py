@@ -36,6 +36,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
 
+from tracerl.allocate.engine import continuation_flags
 from tracerl.tree import RolloutTree
 
 SAFETY_Z = 3.0  # a wave passes the budget left with probability ≈ 0.1 % (normal approximation)
@@ -203,8 +204,9 @@ class Meter:
             count[node == 0] += 1
         return min(n, available)
 
-    def launch(self, jobs: Sequence[Job], continuation: bool = False) -> list[int]:
-        """One wave of exactly these jobs (no budget check); returns each job's generated tokens."""
+    def launch(self, jobs: Sequence[Job], continuation: bool | Sequence[bool] = False) -> list[int]:
+        """One wave of exactly these jobs (one engine call, no budget check); returns each job's generated
+        tokens. `continuation`: one flag for all jobs, or one per job (see `TreeEngine.grow`)."""
         if not jobs:
             return []
         jobs = [(t() if callable(t) else t, node) for t, node in jobs]
@@ -220,16 +222,17 @@ class Meter:
         self.last_wave_max = max(out)
         return out
 
-    def run(self, jobs: Sequence[Job], continuation: bool = False) -> list[int]:
+    def run(self, jobs: Sequence[Job], continuation: bool | Sequence[bool] = False) -> list[int]:
         """Jobs in priority order: all in one wave without a budget; with one, in waves sized by
         `wave_size` until they are done or the budget is met. Returns the generated tokens of the jobs
-        launched (a prefix of `jobs`; the rest were not run)."""
+        launched (a prefix of `jobs`; the rest were not run). `continuation`: one flag, or one per job."""
+        flags = continuation_flags(continuation, len(jobs))
         out: list[int] = []
         while len(out) < len(jobs):
             n = self.wave_size([node for _, node in jobs[len(out):]])
             if not n:
                 break
-            out += self.launch(jobs[len(out):len(out) + n], continuation)
+            out += self.launch(jobs[len(out):len(out) + n], flags[len(out):len(out) + n])
         return out
 
     def fill(self, make: Callable[[int], list[Job]], continuation: bool = False) -> int:

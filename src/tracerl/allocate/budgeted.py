@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from typing import Sequence
 
 from tracerl.allocate.basic import ALLOCATORS, AllocationContext, grown, round_robin
 from tracerl.allocate.budget import Meter
@@ -63,22 +64,27 @@ def _new_tree(ctx: AllocationContext, trees: list[RolloutTree]):
 
 
 def _top_up(ctx: AllocationContext, meter: Meter, prompts: list[list[RolloutTree]], v: list[float],
-            tree_per_chain: bool) -> int:
+            tree_per_chain: bool, first: Sequence[int] = ()) -> int:
     """With a budget: root chains until the step's budget is met, each to the prompt whose contrast gains
     most. `prompts[i]` are prompt i's trees: a new chain is a new tree (`tree_per_chain`) or one more root
-    child of the first. Returns the chains added."""
+    child of the first. `first`: prompts (indices, repeats allowed) whose chains run before any chosen by
+    contrast, in the same waves (TRACE's Stage 2 leftover). Returns the chains added."""
     if meter.budget is None:
         return 0
     idx = [i for i, ts in enumerate(prompts) if ts and (tree_per_chain or not ts[0].root.done)]
     counts = [len(prompts[i]) if tree_per_chain else len(prompts[i][0].root.children) for i in idx]
+    pos = {i: k for k, i in enumerate(idx)}
+    queue = [pos[i] for i in first if i in pos]
 
     def more(n: int):
-        jobs = []
-        for k in _marginal_picks(counts, [v[i] for i in idx], n, ctx.alloc.cap_root):
+        picks = queue[:n]
+        del queue[:n]
+        for k in picks:
             counts[k] += 1
-            ts = prompts[idx[k]]
-            jobs.append((_new_tree(ctx, ts), 0) if tree_per_chain else (ts[0], 0))
-        return jobs
+        for k in _marginal_picks(counts, [v[i] for i in idx], n - len(picks), ctx.alloc.cap_root):
+            counts[k] += 1
+            picks.append(k)
+        return [(_new_tree(ctx, prompts[idx[k]]), 0) if tree_per_chain else (prompts[idx[k]][0], 0) for k in picks]
 
     return meter.fill(more) if idx else 0
 
@@ -248,24 +254,23 @@ def _stage2(ctx: AllocationContext, meter: Meter, by_prompt: list[list[RolloutTr
             anchors.append(nodes)
         prefixes = [NodeRef(t, n) for nodes in anchors for t, n, _ in nodes if t is not None]
         p = iter(ctx.predictor.predict(prefixes) if warm and prefixes else [0.5] * len(prefixes))
-        planned, roots = [], [0] * len(by_prompt)  # (rank in its prompt's greedy order, prompt, job); restarts
+        planned = []  # (rank in its prompt's greedy order, prompt, job, is a continuation)
         for i, nodes in enumerate(anchors):
             scored = [(o, root_v[i] if t is None else next(p)) for t, _, o in nodes]
             units = max(budgets[i] - spent[i], 0.0) / (a.rounds - r) / (f * chain_tokens[i])
             plan = prefix_allocate_costed(scored, units, a.cap_anchor, [1 / f if t is None else 1.0 for t, _, _ in nodes])
             for rank, j in enumerate(plan.order):
                 t, n, _ = nodes[j]
-                if t is None:
-                    roots[i] += 1
-                else:
-                    planned.append((rank, i, (t, n)))
-        planned.sort(key=lambda x: x[0])  # under a budget cut, every prompt's best continuations first
-        for (_, i, _), tokens in zip(planned, meter.run([job for _, _, job in planned], continuation=True)):
-            spent[i] += tokens
-        before = [len(ts) for ts in by_prompt]
-        for i, tokens in enumerate(_bare(meter, ctx, by_prompt, roots)):
-            spent[i] += tokens
-        restarted += sum(len(ts) - b for ts, b in zip(by_prompt, before))
+                job = (_new_tree(ctx, by_prompt[i]), 0) if t is None else (t, n)  # a root restart: a new tree
+                planned.append((rank, i, job, t is not None))
+        # the slice's continuations and root restarts in one generation call (waves, under a budget);
+        # under a budget cut, every prompt's best placements first
+        planned.sort(key=lambda x: x[0])
+        before = sum(len(ts) for ts in by_prompt)
+        tokens = meter.run([job for _, _, job, _ in planned], [cont for *_, cont in planned])
+        for (_, i, _, _), n_tokens in zip(planned, tokens):
+            spent[i] += n_tokens
+        restarted += sum(len(ts) for ts in by_prompt) - before
     return [b - s for b, s in zip(budgets, spent)], restarted
 
 
@@ -324,10 +329,18 @@ def trace(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
 
     root_v = [0.5] * len(active) if v is None else [v[i] for i in active]
     left, restarts = _stage2(ctx, meter, by_prompt, budgets, root_v, chain_tokens)
-    before = sum(len(ts) for ts in by_prompt)
-    _bare(meter, ctx, by_prompt, [max(round(x / c), 0) for x, c in zip(left, chain_tokens)])
-    leftover = sum(len(ts) for ts in by_prompt) - before
-    topped = _top_up(ctx, meter, by_prompt, root_v, tree_per_chain=True)
+    # what Stage 2 left becomes bare rollouts of its prompt (one per chain's worth); under a budget they
+    # open the top-up's waves, so both share generation calls
+    counts = [max(round(x / c), 0) if ts else 0 for x, c, ts in zip(left, chain_tokens, by_prompt)]
+    if meter.budget is None:
+        before = sum(len(ts) for ts in by_prompt)
+        _bare(meter, ctx, by_prompt, counts)
+        leftover, topped = sum(len(ts) for ts in by_prompt) - before, 0
+    else:
+        first = [i for j in range(max(counts, default=0)) for i, n in enumerate(counts) if n > j]
+        added = _top_up(ctx, meter, by_prompt, root_v, tree_per_chain=True, first=first)
+        leftover = min(added, len(first))
+        topped = added - leftover
     ctx.metrics.update(stage1_rollouts=float(len(stage1)), stage2_restarts=float(restarts),
                        stage2_leftover=float(leftover), budget_chains=float(topped), f_planned=f,
                        explore_rollouts=float(min(2 * int(a.epsilon * M / 2), 2 * len(pool)) if v is not None else 0))

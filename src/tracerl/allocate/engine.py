@@ -55,6 +55,16 @@ class NodeRef:
     leaves: int = 0
 
 
+def continuation_flags(continuation: bool | Sequence[bool], n: int) -> list[bool]:
+    """One flag per job from `grow`'s `continuation` argument (one flag for all, or one per job)."""
+    if isinstance(continuation, bool):
+        return [continuation] * n
+    flags = [bool(c) for c in continuation]
+    if len(flags) != n:
+        raise ValueError(f"{len(flags)} continuation flags for {n} jobs")
+    return flags
+
+
 def trees_like(like: RolloutTree, n: int, first_index: int) -> list[RolloutTree]:
     """n empty trees of `like`'s prompt and group (indices first_index, ...): its root's ids, a copy of
     its root's state, and its root's hidden state if it has one (what `TreeEngine.more_trees` returns)."""
@@ -86,8 +96,10 @@ class TreeEngine(Protocol):
         """Fill `tree.hidden[0]` (the predictor's features of each root), charging what that costs."""
         ...
 
-    def grow(self, jobs: list[tuple[RolloutTree, int]], continuation: bool = False) -> list[int]:
-        """One trajectory per (tree, node) job, run to its end below the node; returns the new leaf ids."""
+    def grow(self, jobs: list[tuple[RolloutTree, int]], continuation: bool | Sequence[bool] = False) -> list[int]:
+        """One trajectory per (tree, node) job, run to its end below the node; returns the new leaf ids.
+        `continuation` (one flag for all jobs, or one per job) marks the jobs charged as continuations
+        (`RolloutCost.continuations` / `continuation_gen_tokens`)."""
         ...
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from tracerl.allocate.budget import CarriesCosts, CostModel
-from tracerl.allocate.engine import NodeRef, RolloutCost, TreeEngine, ValuePredictor
+from tracerl.allocate.engine import NodeRef, RolloutCost, TreeEngine, ValuePredictor, continuation_flags
 from tracerl.distributed import World
 from tracerl.envs.base import Task
 from tracerl.tree import RolloutTree
@@ -59,9 +59,10 @@ class ShardedEngine:
                 if not self.mine(t) and _key(t) in part:
                     t.hidden[0] = part[_key(t)]
 
-    def grow(self, jobs: list[tuple[RolloutTree, int]], continuation: bool = False) -> list[int]:
+    def grow(self, jobs: list[tuple[RolloutTree, int]], continuation: bool | Sequence[bool] = False) -> list[int]:
         local = [i for i, (t, _) in enumerate(jobs) if self.mine(t)]
-        leaves = self.inner.grow([jobs[i] for i in local], continuation) if local else []
+        flags = continuation_flags(continuation, len(jobs))
+        leaves = self.inner.grow([jobs[i] for i in local], [flags[i] for i in local]) if local else []
         grown = {_key(t): t for t, _ in (jobs[i] for i in local)}
         payload = ({k: (t.nodes, t._next_id, t.hidden) for k, t in grown.items()}, dict(zip(local, leaves)))
         out = [0] * len(jobs)

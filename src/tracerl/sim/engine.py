@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from tracerl.allocate.engine import NodeRef, RolloutCost, trees_like
+from tracerl.allocate.engine import NodeRef, RolloutCost, continuation_flags, trees_like
 from tracerl.envs.base import Task
 from tracerl.errors import TracerlError
 from tracerl.sim.world import World
@@ -73,7 +73,8 @@ class SimEngine:
         for t in trees:
             t.hidden.setdefault(0, root_features(t.task))
 
-    def grow(self, jobs: list[tuple[RolloutTree, int]], continuation: bool = False) -> list[int]:
+    def grow(self, jobs: list[tuple[RolloutTree, int]], continuation: bool | Sequence[bool] = False) -> list[int]:
+        flags = continuation_flags(continuation, len(jobs))
         # the real engine's order: branches of one node next to each other
         order = sorted(range(len(jobs)), key=lambda i: (jobs[i][0].group, jobs[i][0].index, jobs[i][1]))
         cost = RolloutCost(trajectories=len(jobs))
@@ -91,11 +92,12 @@ class SimEngine:
             leaves[i] = tree.attach(node, records, True, float(turns[-1].reward))
             for n, t in zip(tree.path(leaves[i])[anchor.depth + 1:-1], turns):  # the new non-leaf nodes
                 tree.hidden[n.id] = SimFeatures(t.value, t.z)
-            cost.gen_tokens += sum(t.tokens for t in turns)
+            tokens = sum(t.tokens for t in turns)
+            cost.gen_tokens += tokens
             cost.tool_calls += len(turns) - 1
-        if continuation:
-            cost.continuations = len(jobs)
-            cost.continuation_gen_tokens = cost.gen_tokens
+            if flags[i]:
+                cost.continuations += 1
+                cost.continuation_gen_tokens += tokens
         self.cost.add(cost)
         return leaves
 
