@@ -171,8 +171,8 @@ def test_weight_transfer_source_is_what_vllms_senders_accept(hf):
     from vllm.distributed.weight_transfer import WeightSource
     from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine
 
-    from tracerl.backends.vllm_engine import state_source
     from tracerl.backends.base import untied
+    from tracerl.backends.vllm_engine import state_source
 
     source = state_source("cpu", "bfloat16")
     assert isinstance(source, WeightSource) and source.metadata() == [] and list(source) == []

@@ -163,6 +163,9 @@ class VLLMPolicy:
         self.version = 0
         self.last_sync_s = 0.0
         os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+        if engine_cfg.weight_sync == "ipc":
+            # the engine's worker unpickles the IPC handles of each update (_LLMClient); both processes are this run's
+            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         if engine_cfg.in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             # else the in-process engine drops this process (the trainer's) to one torch thread
@@ -296,7 +299,12 @@ class _LLMClient:
         self.llm.start_weight_update()
 
     def update_weights(self, update_info) -> None:
-        self.llm.update_weights({"update_info": update_info})
+        # CUDA IPC handles hold types (torch.dtype, storage classes) that the msgpack channel to the engine's
+        # process refuses; vLLM's own HTTP client ships them pickled (`ipc_handles_pickled`, read by the worker
+        # under VLLM_ALLOW_INSECURE_SERIALIZATION=1, which VLLMPolicy sets for an ipc engine): the same here
+        from vllm.distributed.weight_transfer.clients import _json_safe_update_payload  # vllm 0.32.0
+
+        self.llm.update_weights({"update_info": _json_safe_update_payload(update_info)})
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         self.llm.finish_weight_update(weight_version)
