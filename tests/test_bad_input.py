@@ -209,6 +209,11 @@ def hand_cases() -> list[Case]:
         c(k, "run.device", "sft", "run.device=cuda", was=TRACEBACK),
         c(k, "run.device", "calibrate", "run.device=cuda", was=TRACEBACK),
         c(k, "run.device", "eval", "preset", "--config", "{tmp}/arith.yaml", "run.device=cuda", was=TRACEBACK),
+        c(k, "engine.weight_sync", "train", "engine.weight_sync=tcp"),
+        c(k, "engine.weight_sync", "train", "engine.weight_sync=nccl"),
+        c(k, "engine.weight_sync", "train", "engine.name=vllm", "engine.weight_sync=ipc"),
+        c(k, "engine.device", "train", "engine.name=vllm", "engine.device=gpu1"),
+        c(k, "engine.device", "train", "engine.name=vllm", "engine.device=cuda:1"),
     ]
     k = "config files"
     cases += [

@@ -163,6 +163,31 @@ def test_weights_after_an_update_and_why_repack_and_reset_are_needed(engine, hf,
     assert [g.token_ids for g in back] == [g.token_ids for g in hf.generate(short, greedy)[0]]
 
 
+def test_weight_transfer_source_is_what_vllms_senders_accept(hf):
+    """engine.weight_sync=nccl / ipc (GPU-only: the transfer itself runs in bench/vllm_smoke.sh): the state
+    dict reaches vLLM's trainer-side engines as a WeightSource whose metadata agrees with its iteration
+    (vllm 0.32.0's NCCL sender checks exactly this, `_checked_iter`), without the tied head, in the
+    engine's dtype, one layer per transfer group."""
+    from vllm.distributed.weight_transfer import WeightSource
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine
+
+    from tracerl.backends.base import untied
+    from tracerl.backends.vllm_engine import state_source
+
+    source = state_source("cpu", "bfloat16")
+    assert isinstance(source, WeightSource) and source.metadata() == [] and list(source) == []
+    state = hf.model.state_dict()
+    source.state = untied(state)
+    sent = list(NCCLTrainerWeightTransferEngine._checked_iter(source, source.metadata()))
+    assert [n for n, _ in sent] == [n for n in state if n != "lm_head.weight"]  # tied: the embedding carries it
+    assert {t.dtype for _, t in sent} == {torch.bfloat16}
+    for name, t in sent:
+        assert torch.equal(t, state[name].to(torch.bfloat16))
+    groups = source.groups()
+    assert len(groups) == hf.model.config.num_hidden_layers + 2  # embedding, one per layer, final norm
+    assert [n for g in groups for n in g] == [n for n, _ in sent]
+
+
 def test_head_size_the_cpu_kernels_lack_is_one_line():
     from transformers import Qwen3Config
 

@@ -407,11 +407,20 @@ class EngineConfig(Section):
     enforce_eager: bool = Field(True, description="vllm: no CUDA graphs / compilation (start-up in seconds; set false on GPU for throughput).")
     sleep_during_update: bool = Field(False, description="vllm on GPU: release the engine's weights and KV cache during each update (colocated training), wake it before the next rollout.")
     sync_dir: str = Field("/dev/shm", description="vllm: where the weights of each update are written (safetensors) for the engine to reload; a RAM disk on Linux.")
+    weight_sync: Literal["file", "nccl", "ipc"] = Field("file", description="vllm: how each update reaches the engine (docs/engines.md §3): file = a safetensors file in engine.sync_dir (CPU and GPU), nccl = vLLM's NCCL broadcast to an engine on another GPU (engine.device), ipc = CUDA IPC handles to an engine on the trainer's GPU; nccl and ipc are GPU-only.")
+    device: str | None = Field(None, description="vllm on GPU: the CUDA device the engine's own process runs on (None: run.device); engine.weight_sync=nccl needs one other than run.device.")
     url: str = Field("http://127.0.0.1:8000", description="server: base URL of the OpenAI-compatible completion server (/v1/completions).")
     served_model: str | None = Field(None, description="server: the model name the server serves (None: the first of /v1/models).")
     timeout_s: float = Field(120.0, gt=0, description="server: seconds one request may take before it is retried.")
     retries: int = Field(2, ge=0, description="server: retries of a failed or timed-out request (then the step stops with one line naming the server).")
     sync_weights: bool = Field(True, description="server: push the weights after every update through the server's /collective_rpc (needs VLLM_SERVER_DEV_MODE=1 on the server); false: the server's weights stay fixed (evaluation, off-policy).")
+
+    @field_validator("device")
+    @classmethod
+    def _engine_device(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"cuda(:\d+)?", v):
+            raise ValueError(f"config key 'engine.device': must be cuda or cuda:N (the engine's GPU), got {v!r}")
+        return v
 
 
 class Config(Section):
@@ -487,6 +496,54 @@ def check_device(device: str) -> None:
         if index >= torch.cuda.device_count():
             raise ConfigError(f"config key 'run.device': {device} does not exist; this machine has "
                               f"{torch.cuda.device_count()} CUDA device(s), cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+
+
+def _cuda_index(device: str) -> int:
+    return int(device.partition(":")[2] or 0)
+
+
+def check_weight_sync(cfg: "Config", cuda_count: int | None = None) -> None:
+    """One-line ConfigError unless engine.weight_sync / engine.device can work on this machine (run.device is
+    checked by check_device): nccl and ipc send the trainer's CUDA tensors to a vLLM engine in its own
+    process, nccl to an engine on another GPU (NCCL puts one rank per GPU), ipc to one on the same GPU
+    (a CUDA IPC handle opens on the GPU that holds the memory). `cuda_count`: CUDA devices (None: torch's)."""
+    import torch
+
+    e, run_device = cfg.engine, cfg.run.device
+    if cuda_count is None:
+        cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if e.device is not None:
+        if e.name != "vllm":
+            raise ConfigError(f"config key 'engine.device': places a vLLM engine; engine.name={e.name} has none "
+                              "(drop engine.device)")
+        if e.in_process:
+            raise ConfigError("config key 'engine.device': places the engine's own process, but engine.in_process=true "
+                              "runs it in this one (drop one of the two)")
+        if _cuda_index(e.device) >= cuda_count:
+            raise ConfigError(f"config key 'engine.device': {e.device} does not exist; this machine has "
+                              f"{cuda_count} CUDA device(s)")
+    if e.weight_sync == "file":
+        return
+    mode = f"engine.weight_sync={e.weight_sync}"
+    if e.name != "vllm":
+        raise ConfigError(f"config key 'engine.weight_sync': {mode} sends weights to a vLLM engine in this run; "
+                          f"engine.name={e.name} has none (use engine.name=vllm, or engine.weight_sync=file)")
+    if not run_device.startswith("cuda") or cuda_count == 0:
+        raise ConfigError(f"config key 'engine.weight_sync': {mode} is GPU-only (it sends the trainer's CUDA tensors), "
+                          f"but run.device={run_device}{'' if cuda_count else ' and torch sees no CUDA device'}; "
+                          "use engine.weight_sync=file")
+    if e.in_process:
+        raise ConfigError(f"config key 'engine.weight_sync': {mode} needs the engine in its own process "
+                          "(engine.in_process=false)")
+    engine_gpu = _cuda_index(e.device or run_device)
+    if e.weight_sync == "nccl" and engine_gpu == _cuda_index(run_device):
+        raise ConfigError(f"config key 'engine.device': {mode} needs the engine on another GPU than the trainer's "
+                          f"({run_device}; NCCL puts one rank per GPU): set engine.device=cuda:N, or use "
+                          "engine.weight_sync=ipc to share the trainer's GPU")
+    if e.weight_sync == "ipc" and engine_gpu != _cuda_index(run_device):
+        raise ConfigError(f"config key 'engine.device': {mode} needs the engine on the trainer's GPU ({run_device}; "
+                          f"CUDA IPC handles open on the GPU that holds the memory), got {e.device}: use "
+                          "engine.weight_sync=nccl for another GPU")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -33,7 +33,7 @@ def preflight(cfg: Config, model_dir: Path | None = None) -> None:
     """What a command that runs the model checks after the config validated and before it builds or
     writes anything: the environment's typed options, method names and combinations, the device, and
     the model directory it will load (model.path, or `model_dir` when given)."""
-    from tracerl.config import check_device
+    from tracerl.config import check_device, check_weight_sync
     from tracerl.envs import check_options
     from tracerl.methods import check_methods
     from tracerl.models.io import check_model_dir
@@ -44,6 +44,7 @@ def preflight(cfg: Config, model_dir: Path | None = None) -> None:
     check_available(cfg.trainer.loggers)  # wandb / mlflow installed when named
     check_methods(cfg)
     check_device(cfg.run.device)
+    check_weight_sync(cfg)  # engine.weight_sync / engine.device: GPU-only modes, where the engine runs
     if cfg.lora.enabled:
         from tracerl.distributed import launched_size
         from tracerl.models.lora import require_peft

@@ -61,7 +61,7 @@ TOTALS = ("cum_gen_tokens", "cum_trajectories", "cum_tool_calls")
 SUMMED = {"gen_tokens", "prefill_tokens", "prefill_saved", "tool_calls", "trajectories", "continuations",
           "root_rollouts", "leaves", "trained_trajectories", "prompts_used", "train_tokens",
           "train_tokens_per_leaf", "loss", "rollout_gen_tokens", "annotator_gen_tokens", "annotator_policy_tokens"}
-SLOWEST = {"rollout_s", "update_s", "credit_s", "predictor_s", "sync_s", "gpu_mem_gib"}
+SLOWEST = {"rollout_s", "update_s", "credit_s", "predictor_s", "sync_s", "features_s", "gpu_mem_gib"}
 SHARED = {"lr", "grad_norm"}
 
 
@@ -545,6 +545,8 @@ class Trainer:
         t0 = time.time()
         trees, cost = self.rollout(step)
         engine_metrics = self.policy.step_metrics()  # an inference engine's prefix-cache hit rate, ...
+        if self.features is not self.policy:  # the predictor's features from the trainer's model (features_s)
+            engine_metrics.update(self.features.step_metrics())
         t1 = time.time()
         predictor_metrics = self.predictor.observe(trees, step) if self.predictor is not None else {}
         t_pred = time.time() - t1

@@ -5,7 +5,7 @@ branches of one tree node) and returns, per prompt, the sampled token ids, their
 sampling distribution softmax(logits / T) and why the turn ended, stamped with the policy version that
 produced them. `load_weights` hands it the trainer's weights after an update. Implementations:
 `backends/hf.py` (the in-process Hugging Face decode loop: the CPU default and the reference in
-tests), `backends/vllm.py` (a vLLM engine in this process or its engine-core process) and
+tests), `backends/vllm_engine.py` (a vLLM engine in this process or its engine-core process) and
 `backends/server.py` (an OpenAI-compatible completion server reached over HTTP). docs/engines.md.
 """
 
@@ -88,17 +88,22 @@ class HiddenStates(Protocol):
     def prefix_hidden(self, prompts: list[list[int]], batch_size: int = 64) -> tuple[list[torch.Tensor], PrefillStats]: ...
 
 
-def shared_free_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state dict without tensors that share storage with an earlier one (a tied LM head), contiguous
-    and on the CPU: what safetensors can write and vLLM's loader reads."""
+def untied(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict without tensors that share storage with an earlier one (a tied LM head: vLLM's
+    loader takes the embedding and skips the head), detached, where they are."""
     seen, out = set(), {}
     for name, t in state.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key in seen:
             continue
         seen.add(key)
-        out[name] = t.detach().to("cpu").contiguous()
+        out[name] = t.detach()
     return out
+
+
+def shared_free_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`untied(state)`, contiguous and on the CPU: what safetensors can write and vLLM's loader reads."""
+    return {name: t.to("cpu").contiguous() for name, t in untied(state).items()}
 
 
 SEED_RANGE = 2**31 - 1

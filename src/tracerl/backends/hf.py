@@ -8,6 +8,7 @@ ends at `</search>` or `</answer>`), all with a seeded generator so runs replay 
 from __future__ import annotations
 
 import inspect
+import time
 from typing import Mapping
 
 import torch
@@ -68,6 +69,7 @@ class HFPolicy:
         # `past_key_values`
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.version = 0
+        self._features_s: float | None = None  # seconds in prefix_hidden since the last step_metrics (None: never)
 
     def load_weights(self, source: Mapping[str, torch.Tensor] | None, version: int) -> None:
         if source is not None:
@@ -75,7 +77,12 @@ class HFPolicy:
         self.version = version
 
     def step_metrics(self) -> dict[str, float]:
-        return {}
+        """`features_s`: seconds of prefill-only passes (`prefix_hidden`: the TRACE predictor's features)
+        since the last call, once there has been one; {} before."""
+        if self._features_s is None:
+            return {}
+        out, self._features_s = {"features_s": self._features_s}, 0.0
+        return out
 
     def sleep(self) -> None:  # the model is the trainer's (or its copy): nothing to free
         pass
@@ -122,6 +129,7 @@ class HFPolicy:
     def prefix_hidden(self, prompts: list[list[int]], batch_size: int = 64) -> tuple[list[torch.Tensor], PrefillStats]:
         """Prefill only (no sampling): the last-layer hidden state at each prompt's last token, as
         `generate(..., return_hidden=True)` captures it. Identical prompts are run once."""
+        t0 = time.perf_counter()
         index: dict[tuple[int, ...], int] = {}
         row_of = [index.setdefault(tuple(p), len(index)) for p in prompts]
         unique = [list(k) for k in index]
@@ -136,6 +144,7 @@ class HFPolicy:
             self.model.train()
         hidden = torch.cat(states) if states else torch.zeros(0)
         computed = sum(len(p) for p in unique)
+        self._features_s = (self._features_s or 0.0) + time.perf_counter() - t0  # states are on the CPU: work done
         return [hidden[r] for r in row_of], PrefillStats(computed, sum(len(p) for p in prompts) - computed)
 
     @torch.no_grad()
