@@ -27,6 +27,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from _results import fmt  # bench/ is on sys.path when a script here runs
+
 REPO = Path(__file__).resolve().parents[1]
 
 ENVS = {"multihop": [], "arith": ["--config", str(REPO / "configs" / "arith.yaml")]}
@@ -90,13 +92,6 @@ def warm_start_cached(env: str, overrides: list[str]) -> bool:
 
     config = ENVS[env][1] if ENVS[env] else None
     return (sft_dir(load_config(config, ["sft.seed=0", *overrides])) / "sft_meta.json").is_file()
-
-
-def fmt(xs: list[float | None], d: int = 3) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "–"
-    return f"{statistics.mean(xs):.{d}f} ± {statistics.stdev(xs):.{d}f}" if len(xs) > 1 else f"{xs[0]:.{d}f}"
 
 
 def main() -> None:

@@ -25,6 +25,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from _results import fmt  # bench/ is on sys.path when a script here runs
+
 REPO = Path(__file__).resolve().parents[1]
 TRACERL = str(REPO / ".venv" / "bin" / "tracerl")
 
@@ -92,13 +94,6 @@ def collect(method: str, seed: int, out_dir: Path, wall: float | None = None) ->
             "train_reward_last10": statistics.mean(r["reward_mean"] for r in rows[-10:]),
             "predictor_ece": calib("predictor_ece"), "predictor_brier": calib("predictor_brier"),
             "predictor_auroc": calib("predictor_auroc")}
-
-
-def fmt(xs: list[float | None], d: int = 3) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "–"
-    return f"{statistics.mean(xs):.{d}f} ± {statistics.stdev(xs):.{d}f}" if len(xs) > 1 else f"{xs[0]:.{d}f}"
 
 
 def main() -> None:

@@ -31,9 +31,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from _results import fmt  # bench/ is on sys.path when a script here runs
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "scarce.yaml"
 SPLITS = ("validation", "test", "heldout")
+SRC = [str(REPO / "src")]  # the tracerl source tree every run and evaluation uses (--src)
 GRPO = ["algo.advantage=grpo"]
 TREE = ["algo.advantage=tree_grpo"]
 POOL = ["alloc.pool_factor=4.0"]  # PCL and TRACE: the same candidate pool (configs/trace.yaml's)
@@ -65,7 +68,7 @@ def train(method: str, seed: int, args, threads: int) -> float:
     t0 = time.time()
     with open(log, "w") as f:
         subprocess.run(command(method, seed, args, threads), check=True, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+                       env={**os.environ, "PYTHONPATH": SRC[0]})
     wall = time.time() - t0
     (out / f"{method}-seed{seed}.wall").write_text(f"{wall:.1f}\n")
     return wall
@@ -80,7 +83,7 @@ def final_model(run_dir: Path) -> Path:
 
 def answers(run_dir: Path, splits=SPLITS) -> dict[str, list[float]]:
     """Greedy correctness (1/0) of the run's final policy on every question of each split, in split order."""
-    sys.path.insert(0, str(REPO / "src"))
+    sys.path.insert(0, SRC[0])
     from tracerl.backends.hf import HFPolicy
     from tracerl.config import load_config
     from tracerl.evaluate import evaluate
@@ -134,13 +137,6 @@ def summarise(run_dir: Path, budget: int, prompts: int) -> dict:
             "predictor_auroc": statistics.mean([r["predictor_auroc"] for r in rows if "predictor_auroc" in r] or [math.nan])}
 
 
-def fmt(xs, d=3) -> str:
-    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    if not xs:
-        return "–"
-    return f"{statistics.mean(xs):.{d}f} ± {statistics.stdev(xs):.{d}f}" if len(xs) > 1 else f"{xs[0]:.{d}f}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -152,8 +148,11 @@ def main() -> None:
     ap.add_argument("--out-dir", default=str(REPO / "runs" / "scarce-compare"))
     ap.add_argument("--results", default=str(REPO / "bench" / "results" / "scarce_comparison.json"))
     ap.add_argument("--collect", action="store_true", help="do not train: summarise finished runs")
+    ap.add_argument("--src", default=str(REPO / "src"),
+                    help="tracerl source tree the runs use (PYTHONPATH; e.g. a frozen copy while you edit src/)")
     ap.add_argument("overrides", nargs="*", help="extra config overrides for every run (after --)")
     args = ap.parse_args()
+    SRC[0] = str(Path(args.src).resolve())
     out = Path(args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(m, s) for s in args.seeds for m in args.methods]
@@ -190,7 +189,7 @@ def main() -> None:
                                               "paired_vs_uniform": paired}, indent=1))
     subprocess.run([sys.executable, "-m", "tracerl.cli", "compare", *[str(out / f"{m}-seed{s}") for m, s in jobs],
                     "--out", str(out / "compare.html")], check=True, cwd=REPO,
-                   env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+                   env={**os.environ, "PYTHONPATH": SRC[0]})
     by = lambda m, k: [runs[(m, s)][k] for s in args.seeds]  # noqa: E731
     print("| method | effective ratio (all / steps 1–20 / last 20) | mixed anchors/step | train reward first / last 20 | "
           "val EM | test EM | heldout EM | rollout s / 1k tokens | s / step (rollout + update) | predictor AUROC |")
@@ -226,10 +225,10 @@ def answers_subprocess(run_dir: Path) -> dict[str, list[float]]:
     if cache.exists() and cache.stat().st_mtime > final_model(run_dir).stat().st_mtime:
         return json.loads(cache.read_text())
     code = ("import json, sys; from pathlib import Path; sys.path.insert(0, 'bench'); "
-            "from scarce_comparison import answers; "
+            f"import scarce_comparison as sc; sc.SRC[0] = {SRC[0]!r}; from scarce_comparison import answers; "
             f"Path({str(cache)!r}).write_text(json.dumps(answers(Path({str(run_dir)!r}))))")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO,
-                   env={**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"})
+                   env={**os.environ, "PYTHONPATH": SRC[0], "OMP_NUM_THREADS": "1"})
     return json.loads(cache.read_text())
 
 
