@@ -14,6 +14,9 @@ flips, pooled over seeds).
     .venv/bin/python bench/scarce_comparison.py --seeds 0 1 2 --steps 100 --parallel 2
     .venv/bin/python bench/scarce_comparison.py --collect          # tables from finished runs
 
+Runs that already finished (final checkpoint and evaluation written) are kept, not retrained, so an
+interrupted invocation continues where it stopped.
+
 Writes runs/scarce-compare/<method>-seed<S>/, runs/scarce-compare/compare.html (`tracerl compare`)
 and bench/results/scarce_comparison.json; prints the markdown tables of BENCHMARKS.md.
 """
@@ -62,8 +65,17 @@ def command(method: str, seed: int, args, threads: int) -> list[str]:
             f"rollout.token_budget={args.budget}", *METHODS[method], *args.overrides]
 
 
-def train(method: str, seed: int, args, threads: int) -> float:
+def finished(run_dir: Path, steps: int) -> bool:
+    """The run reached its last step and wrote its final checkpoint and evaluation."""
+    return (run_dir / "final_eval.json").is_file() and (run_dir / "checkpoints" / f"step_{steps:06d}").is_dir()
+
+
+def train(method: str, seed: int, args, threads: int) -> float | None:
+    """Train one run (None: it had already finished, e.g. in an earlier invocation; not retrained)."""
     out = Path(args.out_dir).resolve()
+    if finished(out / f"{method}-seed{seed}", args.steps):
+        print(f"{method}-seed{seed}: finished before, kept", flush=True)
+        return None
     log = out / f"{method}-seed{seed}.log"
     t0 = time.time()
     with open(log, "w") as f:

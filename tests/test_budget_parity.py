@@ -223,9 +223,10 @@ def test_trace_sends_each_stage2_slice_in_one_generation_call(monkeypatch):
     assert mixed >= 2  # restarts and continuations did share calls
 
 
-def test_trace_leftover_chains_share_the_top_up_waves(monkeypatch):
-    # with a budget, Stage 2's leftover bare chains open the top-up's waves: every call after Stage 2 is
-    # a top-up wave (`budget_waves`); before, the leftover had a wave of its own
+def test_trace_last_slice_takes_the_leftover_and_the_top_up_into_its_call(monkeypatch):
+    # with a budget, Stage 2's last slice runs its placements, the bare chains of what it could not
+    # place and the budget's top-up: its last wave is filled with top-up chains, then top-up waves follow;
+    # nothing is generated after Stage 2 (before: a leftover wave, then top-up waves of its own)
     sim = SimConfig(turns=1)
     G = round(8 * sim.expected_chain_tokens())
     both = 0
@@ -234,9 +235,36 @@ def test_trace_leftover_chains_share_the_top_up_waves(monkeypatch):
                                                    "alloc.stage2_root=true"], seed)
         m = b.metrics
         _check_parity("trace", b, b.engine.cost.gen_tokens)
-        assert len(calls["after"]) == m["budget_waves"]
+        assert calls["after"] == []
+        assert len(calls["stage2"]) >= m["budget_waves"] + 1
         both += bool(m["stage2_leftover"] and m["budget_chains"])
     assert both  # some step had both leftover and top-up chains
+
+
+def test_the_plan_last_wave_takes_top_up_chains():
+    # Meter.run with top_up: the plan's jobs fit in one wave with room, so that wave also carries top-up
+    # chains (one generation call); fill waves follow until the budget is met, within one trajectory
+    sim = SimConfig()
+    made = []
+    eng = _Calls(World(sim, random.Random(0)))
+    trees = eng.plant(PromptStream(sim, 8, 0, 0).batch(8), 1)
+    chain = sim.expected_chain_tokens()
+    meter = Meter(eng, round(40 * chain), 8, CostModel(chain_tokens=chain), 0.5)
+
+    def more(n):
+        made.append(n)
+        return [(trees[k % len(trees)], 0) for k in range(n)]
+
+    meter.run([(t, 0) for t in trees], top_up=more)
+    first = eng.calls[0][1]
+    assert len(first) > len(trees) and made[0] == len(first) - len(trees)  # the plan's 8 jobs + top-up chains
+    assert meter.spent >= meter.budget and meter.spent - meter.budget <= meter.last_wave_max
+    assert len(eng.calls) == 1 + meter.added_waves
+    # without top_up the plan's wave is the plan alone
+    eng2 = _Calls(World(sim, random.Random(0)))
+    trees2 = eng2.plant(PromptStream(sim, 8, 0, 0).batch(8), 1)
+    Meter(eng2, round(40 * chain), 8, CostModel(chain_tokens=chain), 0.5).run([(t, 0) for t in trees2])
+    assert [len(c) for _, c in eng2.calls] == [8]
 
 
 # ---------------------------------------------------------------------------------- real engine

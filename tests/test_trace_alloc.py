@@ -222,7 +222,8 @@ def test_stage2_rounds_skip_mixed_prefixes_and_restart_agreeing_prompts_from_the
         meter = ctx.meter(2)  # no token budget: Stage 2 spends the prompts' own budgets
         budgets = [6 * meter.f * 20.0, 8 * meter.f * 20.0]  # 6 and 8 continuations of f · 20 tokens
         spent_before = eng.cost.gen_tokens
-        left, restarted = _stage2(ctx, meter, by_prompt, budgets, [0.5, 0.5], [20.0, 20.0])
+        left, restarted, top_up = _stage2(ctx, meter, by_prompt, budgets, [0.5, 0.5], [20.0, 20.0])
+        assert top_up is None  # no budget: no top-up
         assert len(a.nodes[mid[0]].children) == children_before  # the mixed prefix got nothing
         assert sum(len(t.leaf_ids()) for ts in by_prompt for t in ts) > leaves_before
         assert eng.cost.gen_tokens - spent_before == pytest.approx(sum(budgets) - sum(left))  # charged as generated

@@ -111,10 +111,9 @@ def uniform(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
     engine, cfg = ctx.engine, ctx.rollout
     meter = ctx.meter(len(tasks))
     trees = engine.plant(tasks, 1)
-    meter.run(round_robin(trees, cfg.group_size))
-    counts = {id(t): len(t.root.children) for t in trees}
+    counts = {id(t): cfg.group_size for t in trees}  # chains per prompt once the G rounds have run
 
-    def more(n: int) -> list[tuple[RolloutTree, int]]:  # the next n chains of the rounds
+    def more(n: int) -> list[tuple[RolloutTree, int]]:  # the next n chains of the rounds past G
         jobs: list[tuple[RolloutTree, int]] = []
         open_ = [t for t in trees if not t.root.done]
         while open_ and len(jobs) < n:
@@ -125,7 +124,7 @@ def uniform(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
                     counts[id(t)] += 1
         return jobs
 
-    meter.fill(more)
+    meter.run(round_robin(trees, cfg.group_size), top_up=more)  # the G rounds' last wave takes the first extra chains
     meter.finish(ctx.metrics)
     return grown(trees)
 

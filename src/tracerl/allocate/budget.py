@@ -222,17 +222,31 @@ class Meter:
         self.last_wave_max = max(out)
         return out
 
-    def run(self, jobs: Sequence[Job], continuation: bool | Sequence[bool] = False) -> list[int]:
+    def run(self, jobs: Sequence[Job], continuation: bool | Sequence[bool] = False,
+            top_up: Callable[[int], list[Job]] | None = None) -> list[int]:
         """Jobs in priority order: all in one wave without a budget; with one, in waves sized by
         `wave_size` until they are done or the budget is met. Returns the generated tokens of the jobs
-        launched (a prefix of `jobs`; the rest were not run). `continuation`: one flag, or one per job."""
+        launched (a prefix of `jobs`; the rest were not run). `continuation`: one flag, or one per job.
+
+        `top_up` (with a budget; `make` of `fill`): once the jobs left fit in one wave with room to spare,
+        that wave takes as many top-up chains as the room allows, and `fill` waves follow until the budget
+        is met, so the plan's last wave and the budget's first top-up share one generation call."""
         flags = continuation_flags(continuation, len(jobs))
         out: list[int] = []
         while len(out) < len(jobs):
-            n = self.wave_size([node for _, node in jobs[len(out):]])
+            rest = jobs[len(out):]
+            n = self.wave_size([node for _, node in rest])
             if not n:
                 break
-            out += self.launch(jobs[len(out):len(out) + n], flags[len(out):len(out) + n])
+            wave, wave_flags = list(rest[:n]), flags[len(out):len(out) + n]
+            if top_up is not None and self.budget is not None and n == len(rest):
+                left = self.budget - self.spent  # > 0: the budget is not met, or wave_size would be 0
+                room = self._fit(itertools.chain((node for _, node in rest), itertools.repeat(0, left)), n + left) - n
+                extra = top_up(room) if room > 0 else []
+                wave, wave_flags = wave + extra, wave_flags + [False] * len(extra)
+            out += self.launch(wave, wave_flags)[:n]
+        if top_up is not None:
+            self.fill(top_up)
         return out
 
     def fill(self, make: Callable[[int], list[Job]], continuation: bool = False) -> int:

@@ -63,30 +63,37 @@ def _new_tree(ctx: AllocationContext, trees: list[RolloutTree]):
     return make
 
 
-def _top_up(ctx: AllocationContext, meter: Meter, prompts: list[list[RolloutTree]], v: list[float],
-            tree_per_chain: bool, first: Sequence[int] = ()) -> int:
-    """With a budget: root chains until the step's budget is met, each to the prompt whose contrast gains
-    most. `prompts[i]` are prompt i's trees: a new chain is a new tree (`tree_per_chain`) or one more root
-    child of the first. `first`: prompts (indices, repeats allowed) whose chains run before any chosen by
-    contrast, in the same waves (TRACE's Stage 2 leftover). Returns the chains added."""
-    if meter.budget is None:
-        return 0
-    idx = [i for i, ts in enumerate(prompts) if ts and (tree_per_chain or not ts[0].root.done)]
-    counts = [len(prompts[i]) if tree_per_chain else len(prompts[i][0].root.children) for i in idx]
-    pos = {i: k for k, i in enumerate(idx)}
-    queue = [pos[i] for i in first if i in pos]
+class TopUp:
+    """With a budget: the root chains that fill the step's budget once the plan is spent, each to the prompt
+    whose contrast gains most (`Meter.run`'s `top_up`, or `Meter.fill`'s `make`). `prompts[i]` are prompt
+    i's trees: a new chain is a new tree (`tree_per_chain`) or one more root child of the first.
+    `planned[i]`: prompt i's chains the plan still has to run (counted as made); `first`: prompts
+    (indices, repeats allowed) whose chains come before any chosen by contrast (TRACE's Stage 2
+    leftover). `made` / `made_first` count the chains handed out."""
 
-    def more(n: int):
-        picks = queue[:n]
-        del queue[:n]
+    def __init__(self, ctx: AllocationContext, prompts: list[list[RolloutTree]], v: list[float], tree_per_chain: bool,
+                 planned: Sequence[int] | None = None, first: Sequence[int] = ()):
+        self.ctx, self.prompts, self.tree_per_chain = ctx, prompts, tree_per_chain
+        self.idx = [i for i, ts in enumerate(prompts) if ts and (tree_per_chain or not ts[0].root.done)]
+        self.v = [v[i] for i in self.idx]
+        self.counts = [(len(prompts[i]) if tree_per_chain else len(prompts[i][0].root.children))
+                       + (planned[i] if planned else 0) for i in self.idx]
+        pos = {i: k for k, i in enumerate(self.idx)}
+        self.queue = [pos[i] for i in first if i in pos]
+        self.made = self.made_first = 0
+
+    def __call__(self, n: int) -> list:
+        picks = self.queue[:n]
+        del self.queue[:n]
+        self.made_first += len(picks)
         for k in picks:
-            counts[k] += 1
-        for k in _marginal_picks(counts, [v[i] for i in idx], n - len(picks), ctx.alloc.cap_root):
-            counts[k] += 1
+            self.counts[k] += 1
+        for k in _marginal_picks(self.counts, self.v, n - len(picks), self.ctx.alloc.cap_root):
+            self.counts[k] += 1
             picks.append(k)
-        return [(_new_tree(ctx, prompts[idx[k]]), 0) if tree_per_chain else (prompts[idx[k]][0], 0) for k in picks]
-
-    return meter.fill(more) if idx else 0
+        self.made += len(picks)
+        ts = [self.prompts[self.idx[k]] for k in picks]
+        return [(_new_tree(self.ctx, t), 0) if self.tree_per_chain else (t[0], 0) for t in ts]
 
 
 # ---------------------------------------------------------------------------------- DAPO
@@ -142,8 +149,8 @@ def pcl(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
     trees = [roots[i] for i in chosen]
     for g, t in enumerate(trees):
         t.group = g
-    meter.run(round_robin(trees, G))
-    _top_up(ctx, meter, [[t] for t in trees], [v[i] for i in chosen], tree_per_chain=False)
+    top_up = TopUp(ctx, [[t] for t in trees], [v[i] for i in chosen], tree_per_chain=False, planned=[G] * len(trees))
+    meter.run(round_robin(trees, G), top_up=top_up)
     meter.finish(ctx.metrics)
     return grown(trees)
 
@@ -162,9 +169,9 @@ def knapsack(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
     counts = knapsack_counts(rates, min(B * G, cap * B), cap, ctx.alloc.knapsack_value)
     active = [i for i, m in enumerate(counts) if m]
     trees = ctx.engine.plant([tasks[i] for i in active], 1)
-    meter.run(round_robin(trees, [counts[i] for i in active]))
     v = [0.5 if rates[i] is None else rates[i] for i in active]
-    _top_up(ctx, meter, [[t] for t in trees], v, tree_per_chain=False)
+    top_up = TopUp(ctx, [[t] for t in trees], v, tree_per_chain=False, planned=[counts[i] for i in active])
+    meter.run(round_robin(trees, [counts[i] for i in active]), top_up=top_up)
     meter.finish(ctx.metrics)
     return grown(trees)
 
@@ -223,7 +230,7 @@ def _bare(meter: Meter, ctx: AllocationContext, by_prompt: list[list[RolloutTree
 
 
 def _stage2(ctx: AllocationContext, meter: Meter, by_prompt: list[list[RolloutTree]], budgets: list[float],
-            root_v: list[float], chain_tokens: list[float]) -> tuple[list[float], int]:
+            root_v: list[float], chain_tokens: list[float]) -> tuple[list[float], int, TopUp | None]:
     """Stage 2 (docs/trace.md §5): prompt i spends budgets[i] generated tokens (m_i·N continuations of f
     chain-lengths each) in `alloc.rounds` slices. Each slice scores the prompt's non-leaf prefixes
     (continuations' ones included) whose leaves all share one outcome r (prefixes already mixed gain
@@ -233,11 +240,16 @@ def _stage2(ctx: AllocationContext, meter: Meter, by_prompt: list[list[RolloutTr
     the common outcome of all its leaves, p = its root value): a continuation there is a root restart, a
     new bare rollout, which costs a whole chain, 1/f units. Each slice charges the tokens its jobs
     actually generated, so what a slice leaves or overspends moves to the next. Returns (per-prompt
-    tokens left after the last slice, root restarts)."""
+    tokens left after the last slice, root restarts, the top-up or None).
+
+    Each slice is one generation call (its continuations and root restarts together; under a budget, in
+    the budget's waves). Under a budget the last slice also takes what it cannot place (bare chains of
+    its prompt, one per chain's worth) and the budget's top-up (`TopUp`) into its call: its last wave
+    is filled with them, and top-up waves follow until the budget is met."""
     a, rng = ctx.alloc, ctx.rng
     f = meter.f
     warm = ctx.predictor is not None and ctx.predictor.warm
-    spent, restarted = [0.0] * len(by_prompt), 0
+    spent, restarted, top_up = [0.0] * len(by_prompt), 0, None
     for r in range(a.rounds):
         if meter.exhausted:
             break
@@ -255,23 +267,28 @@ def _stage2(ctx: AllocationContext, meter: Meter, by_prompt: list[list[RolloutTr
         prefixes = [NodeRef(t, n) for nodes in anchors for t, n, _ in nodes if t is not None]
         p = iter(ctx.predictor.predict(prefixes) if warm and prefixes else [0.5] * len(prefixes))
         planned = []  # (rank in its prompt's greedy order, prompt, job, is a continuation)
+        restarts, unplaced = [0] * len(by_prompt), [0] * len(by_prompt)  # per prompt: planned, chains' worth left
         for i, nodes in enumerate(anchors):
             scored = [(o, root_v[i] if t is None else next(p)) for t, _, o in nodes]
             units = max(budgets[i] - spent[i], 0.0) / (a.rounds - r) / (f * chain_tokens[i])
             plan = prefix_allocate_costed(scored, units, a.cap_anchor, [1 / f if t is None else 1.0 for t, _, _ in nodes])
+            unplaced[i] = max(round(plan.leftover * f), 0) if by_prompt[i] else 0  # a chain is 1/f units
             for rank, j in enumerate(plan.order):
                 t, n, _ = nodes[j]
                 job = (_new_tree(ctx, by_prompt[i]), 0) if t is None else (t, n)  # a root restart: a new tree
                 planned.append((rank, i, job, t is not None))
-        # the slice's continuations and root restarts in one generation call (waves, under a budget);
+                restarts[i] += t is None
         # under a budget cut, every prompt's best placements first
         planned.sort(key=lambda x: x[0])
-        before = sum(len(ts) for ts in by_prompt)
-        tokens = meter.run([job for _, _, job, _ in planned], [cont for *_, cont in planned])
-        for (_, i, _, _), n_tokens in zip(planned, tokens):
+        if meter.budget is not None and r == a.rounds - 1:
+            first = [i for j in range(max(unplaced, default=0)) for i, k in enumerate(unplaced) if k > j]
+            top_up = TopUp(ctx, by_prompt, root_v, tree_per_chain=True, planned=restarts, first=first)
+        tokens = meter.run([job for _, _, job, _ in planned], [cont for *_, cont in planned],
+                           top_up=top_up if r == a.rounds - 1 else None)
+        for (_, i, _, cont), n_tokens in zip(planned, tokens):
             spent[i] += n_tokens
-        restarted += sum(len(ts) for ts in by_prompt) - before
-    return [b - s for b, s in zip(budgets, spent)], restarted
+            restarted += not cont
+    return [b - s for b, s in zip(budgets, spent)], restarted, top_up
 
 
 def trace_root_rollouts(r: RolloutConfig, a: AllocConfig, prompts: int, pool: int, f: float,
@@ -328,19 +345,13 @@ def trace(ctx: AllocationContext, tasks: list[Task]) -> list[RolloutTree]:
     budgets = [len(ts) * a.continuations * f * c for ts, c in zip(by_prompt, chain_tokens)]
 
     root_v = [0.5] * len(active) if v is None else [v[i] for i in active]
-    left, restarts = _stage2(ctx, meter, by_prompt, budgets, root_v, chain_tokens)
-    # what Stage 2 left becomes bare rollouts of its prompt (one per chain's worth); under a budget they
-    # open the top-up's waves, so both share generation calls
-    counts = [max(round(x / c), 0) if ts else 0 for x, c, ts in zip(left, chain_tokens, by_prompt)]
-    if meter.budget is None:
+    left, restarts, top_up = _stage2(ctx, meter, by_prompt, budgets, root_v, chain_tokens)
+    if meter.budget is None:  # what Stage 2 left becomes bare rollouts of its prompt, one per chain's worth
         before = sum(len(ts) for ts in by_prompt)
-        _bare(meter, ctx, by_prompt, counts)
+        _bare(meter, ctx, by_prompt, [max(round(x / c), 0) if ts else 0 for x, c, ts in zip(left, chain_tokens, by_prompt)])
         leftover, topped = sum(len(ts) for ts in by_prompt) - before, 0
-    else:
-        first = [i for j in range(max(counts, default=0)) for i, n in enumerate(counts) if n > j]
-        added = _top_up(ctx, meter, by_prompt, root_v, tree_per_chain=True, first=first)
-        leftover = min(added, len(first))
-        topped = added - leftover
+    else:  # under a budget the last Stage 2 slice ran them with the top-up
+        leftover, topped = (top_up.made_first, top_up.made - top_up.made_first) if top_up else (0, 0)
     ctx.metrics.update(stage1_rollouts=float(len(stage1)), stage2_restarts=float(restarts),
                        stage2_leftover=float(leftover), budget_chains=float(topped), f_planned=f,
                        explore_rollouts=float(min(2 * int(a.epsilon * M / 2), 2 * len(pool)) if v is not None else 0))
