@@ -140,7 +140,7 @@ def test_resuming_a_finished_run_repeats_nothing_and_clears_debris(run):
 # ---- runs written before newer keys existed ---------------------------------------------------------------
 # The writer of 7d3214f (the first with these resume rules) knew none of the keys added since.
 SINCE_7D3214F = [g for g in resume_rules.SCHEMA_ADDED if g.split()[0] in
-                 ("b2815a8", "e13634b", "18bc1e9", "f8f439c", "9ea0509", "b8db8fa", "163adbb")]
+                 ("b2815a8", "e13634b", "18bc1e9", "f8f439c", "9ea0509", "b8db8fa", "163adbb", "7a6431a")]
 
 
 def _old_text(tree: dict, groups=SINCE_7D3214F) -> str:

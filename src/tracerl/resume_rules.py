@@ -132,6 +132,7 @@ trainer: loggers project"""),
     "9ea0509 (task features)": _keys("predictor: task_features"),
     "b8db8fa (engine dtype)": _keys("engine: dtype"),
     "163adbb (LoRA)": _keys("lora: enabled rank alpha dropout target_modules"),
+    "7a6431a (engine weight sync)": _keys("engine: weight_sync device"),
 }
 
 
