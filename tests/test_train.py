@@ -17,7 +17,7 @@ from tracerl.runlog import read_jsonl
 from tracerl.train import Trainer, train
 from tracerl.config import load_config
 
-TIMING = {"rollout_s", "update_s", "predictor_s"}
+TIMING = {"rollout_s", "update_s", "predictor_s", "features_s"}  # wall seconds: never equal between runs
 
 
 def _rows(run_dir: Path, name: str):
