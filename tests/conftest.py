@@ -27,6 +27,10 @@ TINY_RUN = [
 # alone every advantage can be 0): an entropy bonus, sampling at T = 1 and a larger step. Trainer tests
 # that check what training did (resume, faults) use this and assert the weights moved.
 TINY_LEARNING = [*TINY_RUN, "algo.entropy_coef=0.01", "rollout.temperature=1.0", "trainer.lr=1e-3"]
+# TRACE with the predictor warm from step 2 on: exercises the pool scoring pass, Stage 1 DP, Stage 2
+# on predicted prefix values, and the predictor state (head, optimizer, moments, buffer) in checkpoints
+TRACE_RUN = ["rollout.allocator=trace", "algo.advantage=tree_grpo", "predictor.warmup=1", "predictor.hidden=16",
+             "alloc.epsilon=0.5", "trainer.tree_log_every=2"]
 
 
 def with_random_advantages(trees, seed: int = 0):

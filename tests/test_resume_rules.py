@@ -1,9 +1,10 @@
 """What a resume may change: result-changing keys refused unless --allow-change (then recorded), keys that
-define the checkpoint never, a damaged config.yaml never read as the defaults, the tokenizer from the
-checkpoint."""
+define the checkpoint never, a damaged config.yaml never read as the defaults, a config written before newer
+keys existed read with the values its run had, the tokenizer from the checkpoint."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -11,10 +12,12 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
-from conftest import TINY_LEARNING
+from conftest import TINY_LEARNING, TRACE_RUN
 from tracerl import resume_rules, rundir
-from tracerl.checkpoint import latest_checkpoint
-from tracerl.config import ConfigError
+from tracerl.checkpoint import MANIFEST_FILE, build_manifest, latest_checkpoint
+from tracerl.config import CONFIG_END, Config, ConfigError, describe_fields, dump_config
+from tracerl.errors import TracerlError
+from tracerl.runlog import read_jsonl
 from tracerl.train import Trainer, resume_config, train
 
 QUIET = {"log": lambda *a: None}
@@ -22,9 +25,10 @@ QUIET = {"log": lambda *a: None}
 
 @pytest.fixture(scope="module")
 def half_run(tmp_path_factory):
-    """A 2-step run with a checkpoint at step 2 (copied per test)."""
-    run, _ = train(None, [*TINY_LEARNING, f"run.dir={tmp_path_factory.mktemp('r') / 'half'}", "trainer.steps=2",
-                          "trainer.tensorboard=false"], **QUIET)
+    """A 2-step TRACE run with a checkpoint at step 2 (copied per test); its predictor (warm from step 2, in the
+    checkpoint) trained without task features, as every run did before predictor.task_features existed."""
+    run, _ = train(None, [*TINY_LEARNING, *TRACE_RUN, f"run.dir={tmp_path_factory.mktemp('r') / 'half'}",
+                          "trainer.steps=2", "trainer.tensorboard=false", "predictor.task_features=false"], **QUIET)
     return run
 
 
@@ -131,3 +135,106 @@ def test_resuming_a_finished_run_repeats_nothing_and_clears_debris(run):
     final = {k: v for k, v in evals[-1].items() if k not in ("step", "split")}
     assert evals[-1]["step"] == 2 and result == final
     assert not debris.exists()
+
+
+# ---- runs written before newer keys existed ---------------------------------------------------------------
+# The writer of 7d3214f (the first with these resume rules) knew none of the keys added since.
+SINCE_7D3214F = [g for g in resume_rules.SCHEMA_ADDED if g.split()[0] in
+                 ("b2815a8", "e13634b", "18bc1e9", "f8f439c", "9ea0509", "b8db8fa", "163adbb", "7a6431a")]
+
+
+def _old_text(tree: dict, groups=SINCE_7D3214F) -> str:
+    """`tree` as an older writer wrote it: without the keys of `groups`, as plain YAML (no first and last line)."""
+    tree = copy.deepcopy(tree)
+    for key in frozenset().union(*(resume_rules.SCHEMA_ADDED[g] for g in groups)):
+        section, _, name = key.partition(".")
+        tree[section].pop(name)
+        if not tree[section]:
+            del tree[section]
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
+def _make_old(run):
+    """config.yaml and every checkpoint's copy (with its manifest entry) as the writer of 7d3214f left them."""
+    for f in [run / rundir.CONFIG_FILE, *(run / rundir.CHECKPOINT_DIR).glob(f"step_*/{rundir.CONFIG_FILE}")]:
+        f.write_text(_old_text(yaml.safe_load(f.read_text())))
+        if f.parent != run:
+            (f.parent / MANIFEST_FILE).write_text(json.dumps(build_manifest(f.parent), indent=1))
+
+
+def test_a_run_written_before_newer_keys_resumes_with_the_values_it_had(run, capsys, tmp_path, monkeypatch):
+    from tracerl.cli import main
+
+    _make_old(run)
+    old = shutil.copytree(run, tmp_path / "again")
+    assert main(["train", "--resume", str(run), "trainer.steps=3"]) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and str(run / rundir.CONFIG_FILE) in warnings[0], warnings
+    newer = len(frozenset().union(*(resume_rules.SCHEMA_ADDED[g] for g in SINCE_7D3214F)))
+    assert all(k in warnings[0] for k in (f"written before {newer} config keys", "engine.*", "lora.*", "data.*",
+                                          "alloc.cost_ema", "predictor.task_features=false"))
+    rows = read_jsonl(run / rundir.METRICS_FILE)
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["predictor_warm"] == 1
+    # config.yaml is now the config the run follows, complete; the new checkpoint holds the same
+    text = (run / rundir.CONFIG_FILE).read_text()
+    step3 = latest_checkpoint(run / rundir.CHECKPOINT_DIR)
+    assert step3.name == "step_000003" and (step3 / rundir.CONFIG_FILE).read_text() == text
+    assert text.endswith(CONFIG_END + "\n") and yaml.safe_load(text)["predictor"]["task_features"] is False
+    (line,) = _history(run)  # the keys the config predates are no change
+    assert line["changes"] == {"trainer.steps": {"before": 2, "after": 3}} and line["needed_allow_change"] == []
+    # the mutant: read as the current default (true), the old run's predictor does not fit
+    monkeypatch.setattr(resume_rules, "LEGACY_DEFAULTS", {})
+    with pytest.raises(TracerlError, match="saved predictor has"):
+        train(None, [], resume=str(old), **QUIET)
+
+
+def test_report_and_eval_read_a_run_written_before_newer_keys(run, capsys):
+    from tracerl.cli import main
+
+    _make_old(run)
+    assert main(["report", str(run)]) == 0
+    assert main(["eval", str(run), "--n", "2", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["n"] for line in out.splitlines() if line.startswith("{")] == [2]
+    assert err.count("warning") == 1 and "predictor.task_features=false" in err
+    assert (run / "report.html").stat().st_size > 1000 and (run / rundir.EVAL_CLI_FILE).is_file()
+
+
+def _cut_before(text: str, line: str) -> str:
+    return text[: text.index(line)]
+
+
+FULL, KEYS = Config().model_dump(mode="json"), len(describe_fields())
+
+
+@pytest.mark.parametrize("text,problem", [
+    (_cut_before(dump_config(Config()), "lora:\n"), f"its last line '{CONFIG_END}' is missing"),
+    (dump_config(Config()).replace("  tis_cap: 2.0\n", ""), f"it holds {KEYS - 1} keys, its first line says {KEYS}"),
+    (_old_text(FULL)[:-3], "it ends inside a line"),  # files from before the first and last line
+    (_cut_before(_old_text(FULL, []), "  loggers:"), "it lacks engine.name"),  # 18bc1e9's algo keys are there
+    (_old_text(FULL) + "lora:\n", "section lora holds no keys"),
+    (_old_text(FULL).replace("  lr: 0.0001\n", ""), "it lacks trainer.lr"),
+], ids=["marked-cut-at-a-section", "marked-key-removed", "cut-inside-a-line", "cut-inside-a-commit's-keys",
+        "empty-section", "first-schema-key-removed"])
+def test_a_cut_config_is_damaged_not_old(tmp_path, text, problem):
+    f = tmp_path / "config.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match="truncated or damaged") as e:
+        resume_rules.read_run_config(f)
+    assert problem in str(e.value) and str(f) in str(e.value)
+
+
+def test_old_writers_are_read_by_the_schema_history(tmp_path):
+    f = tmp_path / "config.yaml"
+    for groups in ([], SINCE_7D3214F, list(resume_rules.SCHEMA_ADDED)):  # up to the first schema (08536a9)
+        f.write_text(_old_text(FULL, groups))
+        saved = resume_rules.read_run_config(f)
+        assert set(saved.predates) == frozenset().union(*(resume_rules.SCHEMA_ADDED[g] for g in groups))
+        assert saved.config() == Config(predictor={"task_features": not groups})
+    f.write_text(dump_config(Config()))
+    assert resume_rules.read_run_config(f).predates == ()
+    # the history is a partition of keys the schema still has (a removed key would need its own rule)
+    history = [resume_rules.SCHEMA_BASE, *resume_rules.SCHEMA_ADDED.values()]
+    assert sum(map(len, history)) == len(frozenset().union(*history))
+    assert frozenset().union(*history) <= {k for k, _, _ in describe_fields()}
+    assert set(resume_rules.LEGACY_DEFAULTS) <= frozenset().union(*resume_rules.SCHEMA_ADDED.values())

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_LEARNING, TINY_RUN, assert_learned
+from conftest import TINY_LEARNING, TINY_RUN, TRACE_RUN, assert_learned
 from tracerl.errors import CheckpointError
 from tracerl.runlog import read_jsonl
 from tracerl.train import Trainer, train
 from tracerl.config import load_config
 
-TIMING = {"rollout_s", "update_s", "predictor_s"}
+TIMING = {"rollout_s", "update_s", "predictor_s", "features_s"}  # wall seconds: never equal between runs
 
 
 def _rows(run_dir: Path, name: str):
@@ -65,10 +65,6 @@ TREE_RUN = ["rollout.allocator=tree_grpo", "algo.advantage=tree_grpo", "rollout.
             "rollout.expansions=1", "rollout.rounds=1", "rollout.leaves_per_tree=2", "trainer.tree_log_every=2"]
 
 
-# TRACE with the predictor warm from step 2 on: exercises the pool scoring pass, Stage 1 DP, Stage 2
-# on predicted prefix values, and the predictor state (head, optimizer, moments, buffer) in checkpoints
-TRACE_RUN = ["rollout.allocator=trace", "algo.advantage=tree_grpo", "predictor.warmup=1", "predictor.hidden=16",
-             "alloc.epsilon=0.5", "trainer.tree_log_every=2"]
 
 
 def _full_and_half(tmp_path, extra):

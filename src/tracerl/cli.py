@@ -99,12 +99,13 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _model_config(path, overrides):
-    """The config of a command that runs the model, with run.threads applied as `tracerl train` applies it."""
+def _model_config(path, overrides, saved=None):
+    """The config of a command that runs the model (`saved`: a run's, `resume_rules.SavedConfig`), with
+    run.threads applied as `tracerl train` applies it."""
     from tracerl.config import load_config
     from tracerl.setup import apply_threads
 
-    cfg = load_config(path, overrides)
+    cfg = saved.config(overrides) if saved is not None else load_config(path, overrides)
     apply_threads(cfg)
     return cfg
 
@@ -211,8 +212,14 @@ def cmd_eval(args) -> int:
         model_dir, run_dir = resolve_model_path(cfg), None
     else:
         model_dir, run_dir = _resolve_checkpoint(Path(args.checkpoint))
-        cfg_path = args.config or (str(run_dir / CONFIG_FILE) if run_dir else _config_path(None))
-        cfg = _model_config(cfg_path, args.overrides)
+        saved = None
+        if run_dir is not None and not args.config:  # the run's config, or the evaluated checkpoint's copy
+            from tracerl.resume_rules import read_with_copy
+
+            copy = model_dir.parent / CONFIG_FILE
+            saved = read_with_copy(run_dir / CONFIG_FILE, copy if copy.is_file() else None,
+                                   lambda line: print(line, file=sys.stderr))
+        cfg = _model_config(_config_path(args.config), args.overrides, saved)
         _preflight(cfg, model_dir)
     if args.out:
         run_dir = Path(args.out)

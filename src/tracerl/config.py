@@ -601,18 +601,34 @@ def load_yaml(path: str | Path) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the defaults) and apply dotted overrides."""
-    tree = load_yaml(path) if path else {}
+    return config_from_tree(load_yaml(path) if path else {}, overrides, str(path) if path else None)
+
+
+def config_from_tree(tree: dict, overrides: list[str] | None = None, source: str | None = None) -> Config:
+    """A parsed config mapping + dotted overrides, validated; `source` names the file in errors (overrides
+    alone: the key says it all)."""
     if overrides:
         tree = _merge(tree, parse_overrides(overrides))
-    source = str(path) if path else None  # overrides alone: the key says it all
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_error(e, source)) from None
 
 
+# A written config sits between two comment lines (YAML skips them). The first says how many keys the writer
+# knew, the last ends the file: a copy without its last line is truncated, and a complete copy that lacks a key
+# was written before the key existed (tracerl.resume_rules.read_run_config).
+CONFIG_HEADER = "# tracerl config: {keys} keys, written by tracerl {version}; the last line ends it"
+CONFIG_HEADER_RE = re.compile(r"# tracerl config: (\d+) keys\b")
+CONFIG_END = "# end of tracerl config"
+
+
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """`cfg` as YAML (every key, in schema order) between the first and last comment lines above."""
+    from tracerl import __version__
+
+    header = CONFIG_HEADER.format(keys=len(describe_fields()), version=__version__)
+    return f"{header}\n{yaml.safe_dump(cfg.model_dump(mode='json'), sort_keys=False)}{CONFIG_END}\n"
 
 
 def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -48,8 +48,9 @@ from tracerl.allocate.engine import NodeRef
 from tracerl.allocate.predictor import (SuccessPredictor, TextEncoder, auroc, brier, ece, history_text,
                                          task_features)
 from tracerl.checkpoint import checkpoint_dirs, read_state
-from tracerl.config import Config, load_config
+from tracerl.config import Config
 from tracerl.errors import TracerlError
+from tracerl.resume_rules import read_with_copy
 from tracerl.rundir import CHECKPOINT_DIR, CHECKPOINT_MODEL_DIR, CONFIG_FILE, TREES_DIR, step_of
 from tracerl.tree import RolloutTree, read_jsonl
 
@@ -444,10 +445,10 @@ class EvalOptions:
     seed: int = 0
 
 
-def _config(run_dir: Path, overrides: Sequence[str]) -> Config:
+def _config(run_dir: Path, overrides: Sequence[str], log: Callable[[str], None] | None) -> Config:
     if not (run_dir / CONFIG_FILE).is_file():
         raise PredictorEvalError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
-    return load_config(run_dir / CONFIG_FILE, list(overrides))
+    return read_with_copy(run_dir / CONFIG_FILE, None, log).config(overrides)  # keys it predates: a warning
 
 
 def evaluate_predictors(eval_run: str | Path, train_run: str | Path | None = None, opts: EvalOptions | None = None,
@@ -463,11 +464,12 @@ def evaluate_predictors(eval_run: str | Path, train_run: str | Path | None = Non
         raise PredictorEvalError(f"unknown predictor {unknown[0]!r}; valid: {', '.join(PREDICTORS)}")
     eval_dir = Path(eval_run)
     train_dir = Path(train_run) if train_run is not None else eval_dir
-    cfg, train_cfg = _config(eval_dir, overrides), _config(train_dir, overrides)
+    same = train_dir.resolve() == eval_dir.resolve()
+    cfg, train_cfg = _config(eval_dir, overrides, log), _config(train_dir, overrides, None if same else log)
     apply_threads(cfg)
     train_steps = parse_steps(opts.train_steps, logged_steps(train_dir), "--train-steps")
     eval_steps = parse_steps(opts.eval_steps, logged_steps(eval_dir), "--eval-steps")
-    if train_dir.resolve() == eval_dir.resolve() and set(train_steps) & set(eval_steps):
+    if same and set(train_steps) & set(eval_steps):
         raise PredictorEvalError(f"training and evaluated steps of {eval_dir} overlap "
                                  f"(step {min(set(train_steps) & set(eval_steps))}); give disjoint --train-steps and --eval-steps")
     timings: dict[str, float] = {}

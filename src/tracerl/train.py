@@ -38,7 +38,7 @@ from tracerl.backends.base import SamplingParams
 from tracerl.backends.hf import HFPolicy
 from tracerl.checkpoint import (latest_checkpoint, load_tensors, read_optimizer, read_state, remove_debris,
                                 save_checkpoint, save_tensors, set_rng_state)
-from tracerl.config import Config, ConfigError, dump_config, load_config
+from tracerl.config import Config, dump_config, load_config
 from tracerl.credit import CreditStep, TokenCredit, write_samples
 from tracerl.credit.attention import SUPPORTED_MODEL_TYPES
 from tracerl.distill import Distiller
@@ -757,26 +757,17 @@ def train(config_path: str | None, overrides: list[str], resume: str | None = No
 def resume_config(run: Path, overrides: list[str], allow_change: bool, log=print) -> tuple[Config, dict]:
     """The config a resume of `run` follows (the run's config.yaml + `overrides`) and what it changes against
     the config its latest checkpoint was written under; refused (one line) where `tracerl.resume_rules` says so.
-    A damaged config.yaml falls back to the checkpoint's copy, with a warning."""
+    A damaged config.yaml falls back to the checkpoint's copy, with a warning; keys the run's config predates
+    read as `resume_rules.LEGACY_DEFAULTS` or their defaults, with a warning."""
     cfg_file = run / rundir.CONFIG_FILE
     if not cfg_file.is_file() and not run.is_dir():
         raise CheckpointError(f"{run} is not a run directory (it does not exist)")
     ckpt = latest_checkpoint(run / rundir.CHECKPOINT_DIR)
     saved = ckpt / rundir.CONFIG_FILE if ckpt is not None and (ckpt / rundir.CONFIG_FILE).is_file() else None
-    try:
-        if not cfg_file.is_file():
-            raise ConfigError(f"{run} is not a run directory (no {rundir.CONFIG_FILE})")
-        resume_rules.read_run_config(cfg_file)
-        base = cfg_file
-    except ConfigError as e:
-        if saved is None:
-            raise
-        log(f"warning: {e}; using the copy in {ckpt.name}")
-        base = saved
-    cfg = load_config(base, overrides)
-    if saved is not None:
-        resume_rules.read_run_config(saved)
-    ref = saved or base  # checkpoints written before they held their config: the run's config.yaml
-    diff = resume_rules.changes(load_config(ref), cfg)
+    base = resume_rules.read_with_copy(cfg_file, saved, log)
+    cfg = base.config(overrides)
+    # checkpoints written before they held their config: the run's config.yaml
+    ref = resume_rules.read_run_config(saved) if saved is not None else base
+    diff = resume_rules.changes(ref.config(), cfg)
     resume_rules.check_changes(diff, cfg, allow_change, f"the config of {ckpt or run}")
     return cfg, diff
