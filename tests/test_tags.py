@@ -26,16 +26,25 @@ def test_the_scans_agree_with_the_lazy_regexes(text):
         assert tag_body(text, tag) == (m.group(1) if m else None)
 
 
+def _best_time(text: str, repeats: int = 5) -> float:
+    """Least wall time of parse_turn + answer_span on `text` over `repeats` runs (one run if it took over
+    0.5 s: a quadratic parser fails at once instead of five times)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        parse_turn(text), answer_span(text)
+        best = min(best, time.perf_counter() - t0)
+        if best > 0.5:
+            break
+    return best
+
+
 def test_thousands_of_unclosed_tags_parse_in_linear_time():
     # the lazy regexes took 1.8 s on the first of these (quadratic in the number of unclosed tags)
     for tag in ("<think>", "<search>", "<answer>"):
         small, big = tag * 2048, tag * 8192
-        t0 = time.perf_counter()
-        parse_turn(small), answer_span(small)
-        t1 = time.perf_counter()
+        t_small, t_big = _best_time(small), _best_time(big)  # best of 5: a busy machine's pauses left out
+        assert t_big < 0.05, (tag, t_big)
+        assert t_big < 8 * max(t_small, 1e-4)  # 4x the text: about 4x the time, not 16x
         kind, why = parse_turn(big)
-        answer_span(big)
-        t2 = time.perf_counter()
-        assert t2 - t1 < 0.05, (tag, t2 - t1)
-        assert (t2 - t1) < 8 * max(t1 - t0, 1e-4)  # 4x the text: about 4x the time, not 16x
         assert kind == "invalid" and why in ("no_action", "unclosed_tag")
