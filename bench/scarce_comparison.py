@@ -140,6 +140,12 @@ def summarise(run_dir: Path, budget: int, prompts: int) -> dict:
             "effective_ratio": mean("effective_ratio"), "effective_ratio_first20": mean("effective_ratio", rows[:20]),
             "effective_ratio_last20": mean("effective_ratio", rows[-20:]),
             "mixed_anchors": mean("mixed_anchors"), "leaves": mean("leaves"),
+            # prompts with both outcomes per step, and their share of the groups generated (DAPO generates
+            # groups it then drops: its effective_ratio is over the kept ones)
+            "mixed_prompts": statistics.mean(r["effective_ratio"] * r["prompts_used"] for r in rows),
+            "effective_ratio_generated": statistics.mean(
+                r["dapo_groups_kept"] / r["dapo_groups_generated"] if r.get("dapo_groups_generated") else
+                r["effective_ratio"] for r in rows),
             "train_reward_first20": mean("reward_mean", rows[:20]), "train_reward_last20": mean("reward_mean", rows[-20:]),
             "gen_tokens_per_step": gen / len(rows), "overshoot_mean": statistics.mean(over),
             "overshoot_min": min(over), "overshoot_max": max(over), "steps_outside_one_trajectory": outside,
@@ -203,12 +209,14 @@ def main() -> None:
                     "--out", str(out / "compare.html")], check=True, cwd=REPO,
                    env={**os.environ, "PYTHONPATH": SRC[0]})
     by = lambda m, k: [runs[(m, s)][k] for s in args.seeds]  # noqa: E731
-    print("| method | effective ratio (all / steps 1–20 / last 20) | mixed anchors/step | train reward first / last 20 | "
+    print("| method | effective ratio (all / steps 1–20 / last 20) | over generated groups | mixed prompts/step | "
+          "mixed anchors/step | train reward first / last 20 | "
           "val EM | test EM | heldout EM | rollout s / 1k tokens | s / step (rollout + update) | predictor AUROC |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for m in args.methods:
         print(f"| {m} | {fmt(by(m, 'effective_ratio'))} / {fmt(by(m, 'effective_ratio_first20'))} / "
-              f"{fmt(by(m, 'effective_ratio_last20'))} | {fmt(by(m, 'mixed_anchors'), 1)} | "
+              f"{fmt(by(m, 'effective_ratio_last20'))} | {fmt(by(m, 'effective_ratio_generated'))} | "
+              f"{fmt(by(m, 'mixed_prompts'), 2)} | {fmt(by(m, 'mixed_anchors'), 1)} | "
               f"{fmt(by(m, 'train_reward_first20'))} / {fmt(by(m, 'train_reward_last20'))} | "
               f"{fmt(by(m, 'em_validation'))} | {fmt(by(m, 'em_test'))} | {fmt(by(m, 'em_heldout'))} | "
               f"{fmt(by(m, 'rollout_s_per_1k_tokens'), 2)} | "
