@@ -6,7 +6,9 @@ start, before any RL; `sft.pretrained=false` for the model as shipped) on the fi
 first few questions of each file) and then, unless `--per-file` is given, takes as many questions per
 file as fit in `--budget-s` seconds of wall time. The probe questions are among the evaluated ones
 (greedy decoding: their results are kept, not recomputed). Reported: EM / F1 per dataset, question type
-and hop count, mean turns, format-error rate, gold-paragraph recall, and a few raw episodes.
+and hop count, under the reward's matching (eval.em) and under SQuAD / Search-R1's (em_squad / f1_squad),
+mean turns, format-error rate, gold-paragraph recall, each episode's answer and scores, and a few raw
+episodes.
 
     .venv/bin/python bench/real_qa_eval.py                         # probe, then ~15 min, 1 thread
     .venv/bin/python bench/real_qa_eval.py --per-file 5 --json     # a quick look
@@ -32,7 +34,7 @@ import torch
 from tracerl.backends.hf import HFPolicy, SamplingParams
 from tracerl.cli import _resolve_checkpoint
 from tracerl.config import load_config
-from tracerl.evaluate import breakdown, evaluate, summarize
+from tracerl.evaluate import breakdown, evaluate, final_answer, squad_episode, squad_scores, summarize
 from tracerl.models.io import load_policy
 from tracerl.rollout import run_chains
 from tracerl.setup import build_env, resolve_model_path
@@ -127,14 +129,16 @@ def main() -> None:
         "split": args.split,
         "temperature": args.temperature,
         "group_size": args.group_size,
-        "summary": {**summarize(trajs), "n": len(trajs), "questions": len(groups),
+        "summary": {**summarize(trajs), **squad_scores(trajs), "n": len(trajs), "questions": len(groups),
                     "questions_with_a_correct_episode": sum(max(g) > 0 for g in groups.values()),
                     "questions_with_mixed_rewards": sum(len(set(g)) > 1 for g in groups.values())},
         "breakdown": rows,
         "examples": examples,
-        # per episode, ids and scores only: lets two evaluations be compared question by question
-        "episodes": [{"task_id": tr.task.id, "file": tr.task.meta["file"], "em": float(tr.info.get("em", tr.reward)),
-                      "f1": float(tr.info.get("f1", 0.0)), "turns": tr.num_turns,
+        # per episode, ids, the model's final answer (None: none given) and scores under both matchings:
+        # lets two evaluations, or the two matchings, be compared question by question (no question text)
+        "episodes": [{"task_id": tr.task.id, "file": tr.task.meta["file"], "answer": final_answer(tr),
+                      "em": float(tr.info.get("em", tr.reward)), "f1": float(tr.info.get("f1", 0.0)),
+                      **dict(zip(("em_squad", "f1_squad"), squad_episode(tr))), "turns": tr.num_turns,
                       "format_errors": tr.format_errors} for tr in trajs],
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -145,7 +149,8 @@ def main() -> None:
     for r in rows:
         recall = "-" if r["gold_recall"] is None else f"{r['gold_recall']:.3f}"
         print(f"{r['dataset']:16s} {r['type']:18s} {r['hops']:>4s} n={r['n']:4d} EM {r['em']:.3f} F1 {r['f1']:.3f} "
-              f"turns {r['mean_turns']:.2f} fmt-err {r['format_error_rate']:.3f} recall {recall}")
+              f"EM(squad) {r['em_squad']:.3f} F1(squad) {r['f1_squad']:.3f} turns {r['mean_turns']:.2f} "
+              f"fmt-err {r['format_error_rate']:.3f} recall {recall}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """The evaluation table on QA data: breakdown numerics, the report section and `tracerl eval` end to end."""
 
 import json
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import REPO
 from tracerl.envs.base import Task
-from tracerl.evaluate import breakdown, gold_recall, summarize
+from tracerl.evaluate import breakdown, gold_recall, squad_scores, summarize
 from tracerl.report.html import render_report
 from tracerl.report.rundir import read_run
 from tracerl.rundir import BREAKDOWN_FILE
@@ -16,9 +19,10 @@ from tracerl.rollout import Trajectory
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def _traj(dataset, qtype, hops, em, turns, errors=0, recall=None, gold=("g1", "g2")):
+def _traj(dataset, qtype, hops, em, turns, errors=0, recall=None, gold=("g1", "g2"), answer=None, golds=("Veloria",)):
     meta = {"dataset": dataset, "type": qtype, "hops": hops, "gold_ids": list(gold)}
-    t = Trajectory(Task(f"{dataset}-{qtype}-{em}", "q?", ("a",), meta), 0, [], [], [], 0, {})
+    history = [] if answer is None else [{"action": "answer", "answer": answer}]
+    t = Trajectory(Task(f"{dataset}-{qtype}-{em}", "q?", tuple(golds), meta), 0, [], [], [], 0, {"history": history})
     t.turns = [{"format_error": "no_action" if i < errors else None, "tool_call": False} for i in range(turns)]
     t.reward = em
     t.info = {"em": em, "f1": em}
@@ -27,12 +31,12 @@ def _traj(dataset, qtype, hops, em, turns, errors=0, recall=None, gold=("g1", "g
     return t
 
 
-TRAJS = [
-    _traj("hotpotqa", "bridge", 2, 1.0, 3, recall=1.0),
-    _traj("hotpotqa", "bridge", 2, 0.0, 2, errors=1, recall=0.5),
-    _traj("hotpotqa", "comparison", 2, 1.0, 1, recall=None),  # answered without searching: recall 0
-    _traj("musique", "2hop", 2, 0.0, 4, errors=4, recall=0.0),
-    _traj("musique", "3hop1", 3, 1.0, 4, recall=2 / 3),
+TRAJS = [  # em / f1 as the reward's matching (tracerl) scored each answer
+    _traj("hotpotqa", "bridge", 2, 1.0, 3, recall=1.0, answer="the Veloria"),
+    _traj("hotpotqa", "bridge", 2, 0.0, 2, errors=1, recall=0.5, answer="Tarsland"),
+    _traj("hotpotqa", "comparison", 2, 1.0, 1, recall=None, answer="“1,000”", golds=("1000",)),  # answered without searching: recall 0
+    _traj("musique", "2hop", 2, 0.0, 4, errors=4, recall=0.0),  # no answer
+    _traj("musique", "3hop1", 3, 1.0, 4, recall=2 / 3, answer="7.0", golds=("7",)),
 ]
 
 
@@ -49,7 +53,19 @@ def test_breakdown_rows_by_hand():
     assert rows[("musique", "all", "3")]["gold_recall"] == pytest.approx(2 / 3)
     total = rows[("all", "all", "all")]
     assert total["n"] == 5 and total["em"] == pytest.approx(0.6) and total["gold_recall"] == pytest.approx((1.5 + 2 / 3) / 5)
-    assert set(total) == {"dataset", "type", "hops", "n", "em", "f1", "mean_turns", "format_error_rate", "gold_recall"}
+    assert set(total) == {"dataset", "type", "hops", "n", "em", "f1", "em_squad", "f1_squad", "mean_turns",
+                          "format_error_rate", "gold_recall"}
+
+
+def test_breakdown_rows_have_squad_scores_of_the_same_answers():
+    """SQuAD matching keeps "the Veloria" = "Veloria" but not the typographic quotes, the thousands comma or 7.0 = 7."""
+    rows = {(r["dataset"], r["type"], r["hops"]): r for r in breakdown(TRAJS)}
+    hp, mu, total = rows[("hotpotqa", "all", "all")], rows[("musique", "all", "all")], rows[("all", "all", "all")]
+    assert hp["em"] == pytest.approx(2 / 3) and hp["em_squad"] == pytest.approx(1 / 3) and hp["f1_squad"] == pytest.approx(1 / 3)
+    assert rows[("hotpotqa", "comparison", "all")]["em_squad"] == 0.0 and rows[("hotpotqa", "bridge", "all")]["em_squad"] == 0.5
+    assert mu["em"] == pytest.approx(0.5) and mu["em_squad"] == 0.0 and mu["f1_squad"] == 0.0
+    assert total["em"] == pytest.approx(0.6) and total["em_squad"] == pytest.approx(0.2)
+    assert total["em_squad"] == squad_scores(TRAJS)["em_squad"]
 
 
 def test_no_breakdown_or_recall_without_qa_meta():
@@ -67,13 +83,13 @@ def test_report_shows_the_latest_breakdown(tmp_path):
     page = render_report(read_run(tmp_path))
     assert "Evaluation by dataset and question type" in page and "split test · model m" in page
     assert "3hop1" in page and "0.111" not in page  # the latest evaluation of (model, split) wins
+    assert "<th>em_squad</th><th>f1_squad</th>" in page
     (tmp_path / BREAKDOWN_FILE).unlink()
     assert "Evaluation by dataset" not in render_report(read_run(tmp_path))
 
 
-def test_eval_command_end_to_end(tmp_path, capsys):
-    """`tracerl eval MODEL --config real_qa.yaml --split test --out DIR` on a tiny random model."""
-    from tracerl.cli import main
+def _tiny_real_qa(tmp_path) -> Path:
+    """A tiny random model in tmp_path/model and a real_qa config on the test fixture; the config's path."""
     from tracerl.models.io import atomic_save_pretrained
     from tracerl.models.tiny import build_tiny_model, train_tokenizer
 
@@ -90,6 +106,14 @@ env:
   options: {{data_root: {FIXTURES}, test_files: [real_qa_tiny.jsonl], top_k: 2}}
 rollout: {{max_turn_tokens: 8}}
 """)
+    return config
+
+
+def test_eval_command_end_to_end(tmp_path, capsys):
+    """`tracerl eval MODEL --config real_qa.yaml --split test --out DIR` on a tiny random model."""
+    from tracerl.cli import main
+
+    config = _tiny_real_qa(tmp_path)
     out = tmp_path / "eval"
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -100,13 +124,38 @@ rollout: {{max_turn_tokens: 8}}
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
-    assert "by dataset and question type (test)" in printed and "2wikimultihopqa" in printed
+    assert "by dataset and question type (test)" in printed and "2wikimultihopqa" in printed and "EM (squad)" in printed
     result = json.loads(printed.strip().splitlines()[-2])  # the JSON line, then the report path
     assert result["n"] == 4 and "gold_recall" in result
     assert [r["dataset"] for r in result["breakdown"]] == ["2wikimultihopqa", "hotpotqa", "hotpotqa", "hotpotqa", "musique", "all"]
+    assert result["breakdown"][-1]["em_squad"] == result["em_squad"]  # per dataset too, the total row = the summary
     logged = json.loads((out / BREAKDOWN_FILE).read_text())
     assert logged["split"] == "test" and logged["rows"] == result["breakdown"]
     assert "Evaluation by dataset and question type" in (out / "report.html").read_text()
+
+
+def test_bench_script_records_both_matchings(tmp_path, monkeypatch):
+    """bench/real_qa_eval.py run as a script: the summary, every breakdown row and every episode carry
+    em_squad / f1_squad, and each episode its final answer (None when it gave none, scoring 0)."""
+    config = _tiny_real_qa(tmp_path)
+    out = tmp_path / "result.json"
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    monkeypatch.setattr(sys, "argv", ["real_qa_eval.py", "--config", str(config), "--model", str(tmp_path / "model"),
+                                      "--per-file", "3", "--probe", "1", "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(REPO / "bench" / "real_qa_eval.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(out.read_text())
+    episodes = result["episodes"]
+    assert len(episodes) == 3 and all({"answer", "em", "f1", "em_squad", "f1_squad"} <= set(e) for e in episodes)
+    assert all(e["em_squad"] == e["f1_squad"] == 0.0 for e in episodes if e["answer"] is None)
+    assert result["summary"]["em_squad"] == pytest.approx(sum(e["em_squad"] for e in episodes) / 3)
+    assert result["summary"]["f1_squad"] == pytest.approx(sum(e["f1_squad"] for e in episodes) / 3)
+    rows = result["breakdown"]
+    assert rows[-1]["dataset"] == "all" and rows[-1]["em_squad"] == result["summary"]["em_squad"]
+    assert all("em_squad" in r and "f1_squad" in r for r in rows)
 
 
 def test_eval_preset_needs_a_config(capsys):

@@ -287,12 +287,14 @@ def breakdown_table(rows: list[dict], title: str):
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("dataset", "type", "hops", "n", "EM", "F1", "mean turns", "format-error rate", "gold recall"):
+    for col in ("dataset", "type", "hops", "n", "EM", "F1", "EM (squad)", "F1 (squad)", "mean turns", "format-error rate",
+                "gold recall"):
         table.add_column(col, justify="left" if col in ("dataset", "type") else "right")
     for r in rows:
         recall = "-" if r.get("gold_recall") is None else f"{r['gold_recall']:.3f}"
         table.add_row(str(r["dataset"]), str(r["type"]), str(r["hops"]), str(r["n"]), f"{r['em']:.3f}",
-                      f"{r['f1']:.3f}", f"{r['mean_turns']:.2f}", f"{r['format_error_rate']:.3f}", recall)
+                      f"{r['f1']:.3f}", f"{r['em_squad']:.3f}", f"{r['f1_squad']:.3f}", f"{r['mean_turns']:.2f}",
+                      f"{r['format_error_rate']:.3f}", recall)
     return table
 
 

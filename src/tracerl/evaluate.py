@@ -60,22 +60,30 @@ def final_answer(traj: Trajectory) -> str | None:
     return None
 
 
+def squad_episode(traj: Trajectory) -> tuple[float, float]:
+    """(EM, F1) of one episode's final answer against its task's gold answers under SQuAD / Search-R1
+    matching, whatever eval.em the reward used; (0, 0) when the episode ended without an answer."""
+    answer = final_answer(traj)
+    if answer is None:
+        return 0.0, 0.0
+    return float(exact_match(answer, traj.task.answers, "squad")), float(f1_score(answer, traj.task.answers, "squad"))
+
+
 def squad_scores(trajs: list[Trajectory]) -> dict[str, float]:
-    """{"em_squad", "f1_squad"}: the mean SQuAD / Search-R1 exact match and token F1 of each episode's
-    answer against the task's gold answers, whatever eval.em the rewards used; no answer scores 0."""
+    """{"em_squad", "f1_squad"}: the means of `squad_episode` over the trajectories (0 for none)."""
     if not trajs:
         return {"em_squad": 0.0, "f1_squad": 0.0}
-    answers = [final_answer(t) for t in trajs]
-    return {"em_squad": mean(0.0 if a is None else exact_match(a, t.task.answers, "squad") for a, t in zip(answers, trajs)),
-            "f1_squad": mean(0.0 if a is None else f1_score(a, t.task.answers, "squad") for a, t in zip(answers, trajs))}
+    scores = [squad_episode(t) for t in trajs]
+    return {"em_squad": mean(em for em, _ in scores), "f1_squad": mean(f1 for _, f1 in scores)}
 
 
-BREAKDOWN_METRICS = ("n", "em", "f1", "mean_turns", "format_error_rate", "gold_recall")
+BREAKDOWN_METRICS = ("n", "em", "f1", "em_squad", "f1_squad", "mean_turns", "format_error_rate", "gold_recall")
 
 
 def breakdown(trajs: list[Trajectory]) -> list[dict[str, object]]:
     """Rows of metrics per dataset, then per (dataset, question type) and (dataset, hop count), for
-    tasks whose meta names a dataset ([] otherwise); a last row covers all trajectories."""
+    tasks whose meta names a dataset ([] otherwise); a last row covers all trajectories. EM / F1 are
+    the reward's matching (eval.em), em_squad / f1_squad SQuAD's, of the same answers."""
     by_dataset: dict[str, list[Trajectory]] = {}
     for t in trajs:
         if t.task.meta.get("dataset") is not None:
@@ -84,7 +92,7 @@ def breakdown(trajs: list[Trajectory]) -> list[dict[str, object]]:
         return []
 
     def row(dataset: str, qtype: str, hops: str, group: list[Trajectory]) -> dict[str, object]:
-        res = {**summarize(group), "n": len(group)}
+        res = {**summarize(group), **squad_scores(group), "n": len(group)}
         return {"dataset": dataset, "type": qtype, "hops": hops, **{k: res.get(k) for k in BREAKDOWN_METRICS}}
 
     rows = []

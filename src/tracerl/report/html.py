@@ -223,7 +223,7 @@ pre { background: #f7f7f7; padding: 12px; overflow-x: auto; font-size: 12px; }
 """
 
 
-BREAKDOWN_COLUMNS = ("dataset", "type", "hops", "n", "em", "f1", "mean_turns", "format_error_rate", "gold_recall")
+BREAKDOWN_COLUMNS = ("dataset", "type", "hops", "n", "em", "f1", "em_squad", "f1_squad", "mean_turns", "format_error_rate", "gold_recall")
 
 
 def breakdown_section(breakdowns: list[dict]) -> str:
