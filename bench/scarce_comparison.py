@@ -94,27 +94,17 @@ def final_model(run_dir: Path) -> Path:
 
 
 def answers(run_dir: Path, splits=SPLITS) -> dict[str, list[float]]:
-    """Greedy correctness (1/0) of the run's final policy on every question of each split, in split order."""
+    """Greedy correctness (1/0) of the run's final policy on every question of each split, in split order
+    (`bench/paired_eval.py`'s per-question answers)."""
     sys.path.insert(0, SRC[0])
-    from tracerl.backends.hf import HFPolicy
+    from paired_eval import answers as per_question
     from tracerl.config import load_config
-    from tracerl.evaluate import evaluate
-    from tracerl.models.io import load_policy
     from tracerl.setup import apply_threads, build_env
 
     cfg = load_config(str(run_dir / "config.yaml"))
     apply_threads(cfg)
     env = build_env(cfg)
-    model, tok = load_policy(final_model(run_dir))
-    policy = HFPolicy(model, tok, cfg.run.device, cfg.model.max_context)
-    out = {}
-    for split in splits:
-        tasks = env.tasks(split)
-        _, trajs = evaluate(policy, env, tasks, cfg.rollout.max_turn_tokens, cfg.model.chat_template,
-                            cfg.rollout.batch_size)
-        by_id = {t.task.id: 1.0 if t.reward > 0 else 0.0 for t in trajs}
-        out[split] = [by_id[t.id] for t in tasks]
-    return out
+    return {split: per_question(str(final_model(run_dir)), env, env.tasks(split), cfg) for split in splits}
 
 
 def sign_test(up: int, down: int) -> float:

@@ -15,17 +15,23 @@ import numpy as np
 import Stemmer
 
 
+def checked_docs(docs: list[dict[str, Any]], top_k: int) -> list[dict[str, Any]]:
+    """The corpus as {id, title, text} dicts, after checking `top_k` ≥ 1 and every document's keys
+    (ValueError naming the first bad one); shared by the BM25 and dense retrievers."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    for i, doc in enumerate(docs):
+        missing = {"id", "title", "text"} - set(doc)
+        if missing:
+            raise ValueError(f"document {i} lacks keys {sorted(missing)} (needs id, title, text)")
+    return [{"id": d["id"], "title": d["title"], "text": d["text"]} for d in docs]
+
+
 class BM25Search:
     """Top-k BM25 retrieval over documents given as dicts with keys id, title, text."""
 
     def __init__(self, docs: list[dict[str, Any]], top_k: int = 3):
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        for i, doc in enumerate(docs):
-            missing = {"id", "title", "text"} - set(doc)
-            if missing:
-                raise ValueError(f"document {i} lacks keys {sorted(missing)} (needs id, title, text)")
-        self.docs = [{"id": d["id"], "title": d["title"], "text": d["text"]} for d in docs]
+        self.docs = checked_docs(docs, top_k)
         self.top_k = top_k
         self._stemmer = Stemmer.Stemmer("english")
         self._index = bm25s.BM25()

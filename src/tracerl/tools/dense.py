@@ -37,7 +37,7 @@ import numpy as np
 
 from tracerl.errors import OptionError, TracerlError
 from tracerl.rundir import atomic_dir
-from tracerl.tools.bm25 import BM25Search
+from tracerl.tools.bm25 import BM25Search, checked_docs
 
 RETRIEVERS = ("bm25", "dense", "hybrid")
 Retriever = Literal["bm25", "dense", "hybrid"]
@@ -168,14 +168,8 @@ class DenseSearch:
     def __init__(self, docs: list[dict[str, Any]], top_k: int = 3, *, encoder: MiniLMEncoder | None = None,
                  cache: bool = True, cache_dir: str | os.PathLike | None = None,
                  _vectors: np.ndarray | None = None):
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        for i, doc in enumerate(docs):
-            missing = {"id", "title", "text"} - set(doc)
-            if missing:
-                raise ValueError(f"document {i} lacks keys {sorted(missing)} (needs id, title, text)")
+        self.docs = checked_docs(docs, top_k)
         faiss = _faiss()
-        self.docs = [{"id": d["id"], "title": d["title"], "text": d["text"]} for d in docs]
         self.top_k = top_k
         self.encoder = encoder or shared_encoder()
         self.built = False
