@@ -188,6 +188,55 @@ def test_weight_transfer_source_is_what_vllms_senders_accept(hf):
     assert [n for g in groups for n in g] == [n for n, _ in sent]
 
 
+def test_weight_sync_client_drives_vllms_offline_rl_calls(monkeypatch):
+    """engine.weight_sync=nccl / ipc, the control plane on CPU (vLLM's trainer-side engines need CUDA even to
+    be built: bench/vllm_smoke.sh runs them). `_LLMClient` satisfies vLLM's client protocol and reaches an
+    `LLM` object's real RL methods (vllm 0.32.0 `RLOfflineMixin`); what they hand the engine's workers
+    (collective_rpc method and kwargs) must parse into the worker-side engine's typed infos. An engine
+    upgrade that renames a call, changes the request form or stops accepting pickled IPC handles fails here."""
+    from vllm.distributed.weight_transfer.base import VLLMWeightSyncClient
+    from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
+    from vllm.entrypoints.llm import LLM
+
+    from tracerl.backends.vllm_engine import _LLMClient
+
+    class Workers:  # the engine core's side of LLM.llm_engine: records what would reach the workers
+        def __init__(self):
+            self.calls: list[tuple] = []
+
+        def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+            self.calls.append((method, kwargs or {}))
+
+        def set_weight_version(self, version):
+            self.calls.append(("set_weight_version", {"version": version}))
+
+    llm = object.__new__(LLM)  # no engine started: only the RL methods are exercised
+    llm.llm_engine = workers = Workers()
+    client = _LLMClient(llm)
+    assert isinstance(client, VLLMWeightSyncClient)
+
+    client.init_weight_transfer_engine({"packed": True})  # what IPCTrainerWeightTransferEngine.trainer_init sends
+    (method, kwargs), = workers.calls
+    assert method == "init_weight_transfer_engine"
+    assert IPCWeightTransferEngine.init_info_cls(**kwargs["init_info"]).packed is True
+
+    handles = [{"GPU-0": (torch.float32, 7, (2, 3))}]  # stands in for rebuild_cuda_tensor args (not msgpack-able)
+    client.start_weight_update()
+    client.update_weights({"names": ["w"], "dtype_names": ["float32"], "shapes": [[2, 3]], "ipc_handles": handles})
+    client.finish_weight_update("5")
+    assert [c[0] for c in workers.calls[1:]] == ["start_weight_update", "update_weights", "finish_weight_update",
+                                                 "set_weight_version"]
+    sent = workers.calls[2][1]["update_info"]
+    assert "ipc_handles" not in sent  # shipped pickled, as vLLM's HTTP client does
+    monkeypatch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
+    with pytest.raises(ValueError, match="VLLM_ALLOW_INSECURE_SERIALIZATION"):
+        IPCWeightTransferEngine.update_info_cls(**sent)  # why VLLMPolicy sets it for an ipc engine
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    info = IPCWeightTransferEngine.update_info_cls(**sent)
+    assert info.names == ["w"] and info.ipc_handles == handles  # the worker unpickles them back
+    assert workers.calls[4][1] == {"version": "5"}
+
+
 def test_head_size_the_cpu_kernels_lack_is_one_line():
     from transformers import Qwen3Config
 

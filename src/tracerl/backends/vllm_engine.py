@@ -349,8 +349,9 @@ class TransferSync:
     """engine.weight_sync=nccl / ipc: vLLM's own weight-transfer engines (vllm 0.32.0,
     `vllm.distributed.weight_transfer`), the trainer's side built on the first update.
 
-    GPU-ONLY, NOT TESTED ON THIS (CPU) MACHINE; `bench/vllm_smoke.sh` checks on a GPU machine that the
-    engine's outputs after a sync equal those after a file sync. nccl: this process is rank 0 of an NCCL
+    GPU-ONLY: the transfer is not tested on this (CPU) machine, only its control plane (`_LLMClient` against
+    vLLM's RL calls, tests_vllm/); `bench/vllm_smoke.sh` checks on a GPU machine that the engine's outputs
+    after a sync equal those after a file sync. nccl: this process is rank 0 of an NCCL
     group with the engine's workers (on another GPU) and broadcasts every tensor; ipc: the engine's
     worker (on this GPU, in its own process) opens CUDA IPC handles of the trainer's tensors. vLLM's
     worker loads them through the same layer-wise reload as the file path (`model.load_weights`)."""
