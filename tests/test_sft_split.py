@@ -91,3 +91,35 @@ def test_teacher_share_demos_carry_the_private_note_and_the_right_answer():
     # the neutral value leaves the cache key (and so every existing warm start) alone
     assert sft_key(load_config(None, ["sft.teacher_share=0"])) == sft_key(load_config(None, []))
     assert sft_key(cfg) != sft_key(load_config(None, ["sft.demos=300", "sft.wrong_answer=1.0"]))
+
+
+def test_the_key_follows_the_contents_of_files_named_by_path(tmp_path, monkeypatch):
+    """A regenerated train file or an edited environment file gets a new warm start, not the cached one;
+    validation rows and built-in environments leave the key alone."""
+    import shutil
+    from pathlib import Path
+
+    from tracerl.sft import named_contents
+
+    shutil.copytree(Path(__file__).resolve().parents[1] / "examples" / "calculator", tmp_path / "examples" / "calculator")
+    monkeypatch.chdir(tmp_path)  # the example's paths are relative to the working directory
+    example = tmp_path / "examples" / "calculator"
+
+    def key() -> str:
+        return sft_key(load_config(str(example / "config.yaml"), []))
+
+    k0 = key()
+    assert key() == k0
+    validation = example / "data" / "validation.jsonl"
+    validation.write_text("".join(validation.read_text().splitlines(True)[1:]))
+    assert key() == k0  # SFT demos come from the train split only
+    train = example / "data" / "train.jsonl"
+    train.write_text("".join(train.read_text().splitlines(True)[1:]))
+    k1 = key()
+    assert k1 != k0
+    (example / "env.py").write_text((example / "env.py").read_text() + "\n# edited\n")
+    k2 = key()
+    assert k2 not in (k0, k1)
+    (example / "reward.py").write_text((example / "reward.py").read_text() + "\n# edited\n")
+    assert key() == k2  # the demos' text does not depend on the reward function
+    assert named_contents(load_config(None, [])) == {}

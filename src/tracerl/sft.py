@@ -73,7 +73,51 @@ def sft_key(cfg: Config) -> str:
     payload = {"v": SFT_VERSION, "env": env, "sft": sft, "model": model, "chat_template": m.chat_template}
     if cfg.data.given():  # the dataset's tasks are the demos' questions
         payload["data"] = cfg.data.model_dump(mode="json")
+    contents = named_contents(cfg)
+    if contents:  # added later: built-in environments without a dataset keep their keys
+        payload["contents"] = contents
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def named_contents(cfg: Config) -> dict[str, str]:
+    """Digests of what the demos are made from but the config names only by path: the train dataset's files
+    (data.train_files; a directory: every file under it) and user code named by reference (env.name,
+    env.tools; the file itself, not what it imports). Without them a regenerated dataset or an edited
+    environment would reuse a stale warm start (`tracerl sft --force` rebuilds by hand)."""
+    import importlib.util
+
+    from tracerl.registry import is_reference
+
+    out: dict[str, str] = {}
+    files = cfg.data.train_files
+    for f in [files] if isinstance(files, str) else files or []:
+        path = Path(f).expanduser()
+        out[f"data:{f}"] = _file_digest(path) if path.exists() else "missing"
+    for ref in [cfg.env.name, *cfg.env.tools]:
+        if not is_reference(ref):
+            continue
+        where = ref.rpartition(":")[0]
+        if where.endswith(".py") or "/" in where:
+            path = Path(where).expanduser()
+        else:
+            try:
+                origin = importlib.util.find_spec(where).origin
+            except (ImportError, AttributeError, ValueError):
+                origin = None
+            path = Path(origin) if origin else None
+        out[f"code:{ref}"] = _file_digest(path) if path and path.is_file() else "missing"
+    return out
 
 
 def sft_dir(cfg: Config) -> Path:
