@@ -22,7 +22,7 @@ def main() -> None:
     out = Path(__file__).parent / "data"
     out.mkdir(exist_ok=True)
     seen = set()
-    for split, n in (("train", 400), ("validation", 50)):
+    for split, n in (("train", 4000), ("validation", 50)):
         with open(out / f"{split}.jsonl", "w") as f:
             written = 0
             while written < n:
