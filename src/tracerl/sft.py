@@ -79,11 +79,18 @@ def sft_key(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+HASHED_BYTES = 256 << 20  # larger files are known by size and modification time (hashing GBs on every start)
+
+
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
     files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
     for f in files:
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
+        st = f.stat()
+        if st.st_size > HASHED_BYTES:
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+            continue
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
@@ -91,10 +98,11 @@ def _file_digest(path: Path) -> str:
 
 
 def named_contents(cfg: Config) -> dict[str, str]:
-    """Digests of what the demos are made from but the config names only by path: the train dataset's files
-    (data.train_files; a directory: every file under it) and user code named by reference (env.name,
-    env.tools; the file itself, not what it imports). Without them a regenerated dataset or an edited
-    environment would reuse a stale warm start (`tracerl sft --force` rebuilds by hand)."""
+    """Digests of what the demos are made from but the config names only by path: the train dataset's
+    files (data.train_files; a directory: every file under it; files over HASHED_BYTES by size and
+    mtime) and user code named by reference (env.name, env.tools; the file itself, not what it imports).
+    Without them a regenerated dataset or an edited environment would reuse a stale warm start
+    (`tracerl sft --force` rebuilds by hand)."""
     import importlib.util
 
     from tracerl.registry import is_reference
