@@ -194,6 +194,7 @@ def test_weight_sync_client_drives_vllms_offline_rl_calls(monkeypatch):
     `LLM` object's real RL methods (vllm 0.32.0 `RLOfflineMixin`); what they hand the engine's workers
     (collective_rpc method and kwargs) must parse into the worker-side engine's typed infos. An engine
     upgrade that renames a call, changes the request form or stops accepting pickled IPC handles fails here."""
+    import vllm.envs
     from vllm.distributed.weight_transfer.base import VLLMWeightSyncClient
     from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
     from vllm.entrypoints.llm import LLM
@@ -228,10 +229,13 @@ def test_weight_sync_client_drives_vllms_offline_rl_calls(monkeypatch):
                                                  "set_weight_version"]
     sent = workers.calls[2][1]["update_info"]
     assert "ipc_handles" not in sent  # shipped pickled, as vLLM's HTTP client does
-    monkeypatch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
+    # vllm.envs caches its variables once an engine has started in this process (the fixture's), so the
+    # flag is set on the module, where the worker-side check reads it; an ipc engine's worker runs in its
+    # own process and reads the variable VLLMPolicy exports
+    monkeypatch.setattr(vllm.envs, "VLLM_ALLOW_INSECURE_SERIALIZATION", False, raising=False)
     with pytest.raises(ValueError, match="VLLM_ALLOW_INSECURE_SERIALIZATION"):
         IPCWeightTransferEngine.update_info_cls(**sent)  # why VLLMPolicy sets it for an ipc engine
-    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    monkeypatch.setattr(vllm.envs, "VLLM_ALLOW_INSECURE_SERIALIZATION", True, raising=False)
     info = IPCWeightTransferEngine.update_info_cls(**sent)
     assert info.names == ["w"] and info.ipc_handles == handles  # the worker unpickles them back
     assert workers.calls[4][1] == {"version": "5"}
