@@ -123,3 +123,9 @@ def test_the_key_follows_the_contents_of_files_named_by_path(tmp_path, monkeypat
     (example / "reward.py").write_text((example / "reward.py").read_text() + "\n# edited\n")
     assert key() == k2  # the demos' text does not depend on the reward function
     assert named_contents(load_config(None, [])) == {}
+    import json
+
+    from tracerl.registry import reference_source
+
+    assert reference_source("json:loads") == Path(json.__file__)  # an import path: the module's file
+    assert reference_source("no_such_module_here:X") is None

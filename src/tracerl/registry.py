@@ -80,6 +80,32 @@ def is_reference(name: str) -> bool:
     return isinstance(name, str) and ":" in name
 
 
+def _names_a_file(where: str) -> bool:
+    """Whether the part of a reference before ":" is a file path (else a module's import path)."""
+    import os
+
+    return where.endswith(".py") or "/" in where or os.sep in where
+
+
+def reference_source(ref: str):
+    """The source file a reference names (a Path), found without running it: the file of
+    "path/to/file.py:Attr", the module's file of "pkg.module:Attr" (importlib imports its parent
+    packages to find it); None when there is no such file."""
+    import importlib.util
+    from pathlib import Path
+
+    where = ref.rpartition(":")[0]
+    if _names_a_file(where):
+        path = Path(where).expanduser()
+    else:
+        try:
+            origin = importlib.util.find_spec(where).origin
+        except (ImportError, AttributeError, ValueError):
+            origin = None
+        path = Path(origin) if origin else None
+    return path if path is not None and path.is_file() else None
+
+
 def load_reference(ref: str, key: str) -> Any:
     """The object a reference names: "pkg.module:Attr" (imported) or "path/to/file.py:Attr" (a file run as a
     module, relative paths from the working directory; its folder joins the end of sys.path so that it can
@@ -87,14 +113,13 @@ def load_reference(ref: str, key: str) -> Any:
     key) and the reference: a missing file or module, an error while importing it, a missing attribute."""
     import importlib
     import importlib.util
-    import os
     import sys
     from pathlib import Path
 
     where, _, attr = ref.rpartition(":")
     if not where or not attr or not all(p.isidentifier() for p in attr.split(".")):
         raise OptionError(f"config key '{key}': {ref!r} is not a reference; write module.path:Name or path/to/file.py:Name")
-    if where.endswith(".py") or "/" in where or os.sep in where:
+    if _names_a_file(where):
         path = Path(where).expanduser()
         if not path.is_file():
             raise OptionError(f"config key '{key}': file {where} {'is not a file' if path.exists() else 'does not exist'} "

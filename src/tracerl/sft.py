@@ -103,9 +103,7 @@ def named_contents(cfg: Config) -> dict[str, str]:
     mtime) and user code named by reference (env.name, env.tools; the file itself, not what it imports).
     Without them a regenerated dataset or an edited environment would reuse a stale warm start
     (`tracerl sft --force` rebuilds by hand)."""
-    import importlib.util
-
-    from tracerl.registry import is_reference
+    from tracerl.registry import is_reference, reference_source
 
     out: dict[str, str] = {}
     files = cfg.data.train_files
@@ -113,18 +111,9 @@ def named_contents(cfg: Config) -> dict[str, str]:
         path = Path(f).expanduser()
         out[f"data:{f}"] = _file_digest(path) if path.exists() else "missing"
     for ref in [cfg.env.name, *cfg.env.tools]:
-        if not is_reference(ref):
-            continue
-        where = ref.rpartition(":")[0]
-        if where.endswith(".py") or "/" in where:
-            path = Path(where).expanduser()
-        else:
-            try:
-                origin = importlib.util.find_spec(where).origin
-            except (ImportError, AttributeError, ValueError):
-                origin = None
-            path = Path(origin) if origin else None
-        out[f"code:{ref}"] = _file_digest(path) if path and path.is_file() else "missing"
+        if is_reference(ref):
+            source = reference_source(ref)
+            out[f"code:{ref}"] = _file_digest(source) if source else "missing"
     return out
 
 
@@ -261,7 +250,8 @@ def _train_sft(cfg: Config, inputs: SFTInputs, out: Path, log) -> Path:
             log(f"SFT step {step + 1}/{cfg.sft.steps} loss {sum(losses[-50:]) / len(losses[-50:]):.3f} "
                 f"({time.time() - t0:.0f}s)")
     model.eval()
-    meta = {"key": sft_key(cfg), "seconds": round(time.time() - t0, 1), "params": n_params,
+    # the key is sft_dir's suffix (hashing the train files again would read them twice)
+    meta = {"key": out.name.rpartition("-")[2], "seconds": round(time.time() - t0, 1), "params": n_params,
             "final_loss": sum(losses[-50:]) / len(losses[-50:]), "demos": len(rows), "steps": cfg.sft.steps}
     atomic_save_pretrained(model, tokenizer, out, extra_json={"sft_meta.json": meta})
     log(f"SFT done in {meta['seconds']}s, cached at {out}")
